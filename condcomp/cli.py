@@ -1,0 +1,153 @@
+"""``condcomp <command>``: train, eval, generate, compare, bench.
+
+Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
+bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from condcomp.errors import CondcompError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TOML preset, e.g. configs/dense_small.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from condcomp.config import load_config
+    from condcomp.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    # --resume alone means the newest checkpoint; --resume PATH a named one.
+    resume: bool | str = {None: False, "latest": True}.get(args.resume, args.resume)
+    result = train(cfg, resume=resume)
+    if result.final_eval is not None:
+        e = result.final_eval
+        print(f"done: {result.steps} steps in {result.run_dir}; val loss {e.loss:.4f}, "
+              f"perplexity {e.perplexity:.2f}, bits/byte {e.bits_per_byte:.4f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from condcomp.data import prepare_data
+    from condcomp.evaluate import evaluate
+    from condcomp.runs import load_run
+    from condcomp.runtime import autocast_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, args.checkpoint, device)
+    data = prepare_data(run.cfg.data, tokenizer=run.tokenizer, log=lambda s: print(s, file=sys.stderr))
+    tc = run.cfg.train
+    result = evaluate(run.model, data.val, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                      max_tokens=args.max_tokens or len(data.val),
+                      bytes_per_token=data.val_bytes_per_token, device=device,
+                      dtype=autocast_dtype(device, tc.dtype))
+    summary = {"run_dir": str(args.run_dir), "checkpoint": str(run.checkpoint.path),
+               "step": run.checkpoint.step, **result.as_dict()}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{run.checkpoint.path} (step {run.checkpoint.step}): val loss {result.loss:.4f}, "
+              f"perplexity {result.perplexity:.2f}, bits/byte {result.bits_per_byte:.4f} "
+              f"over {result.tokens:,} tokens")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from condcomp.data import StreamDecoder
+    from condcomp.generate import Sampling, generate
+    from condcomp.runs import load_run
+    from condcomp.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    prompt_ids = run.tokenizer.encode(args.prompt)
+    stream = StreamDecoder(run.tokenizer)
+    sys.stdout.write(args.prompt)
+
+    def emit(token_id: int) -> None:
+        sys.stdout.write(stream.push(token_id))
+        sys.stdout.flush()
+
+    generate(run.model, prompt_ids, args.max_new_tokens, sampling, on_token=emit, seed=args.seed,
+             stop_id=run.tokenizer.eos_id)
+    sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from condcomp.compare import run_suite
+
+    report = run_suite(args.suite, out_dir=args.out, overrides=args.overrides)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from condcomp import __version__, bench
+
+    parser = argparse.ArgumentParser(
+        prog="condcomp", description="Conditional computation for transformer language models.")
+    parser.add_argument("--version", action="version", version=f"condcomp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a config")
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run from its newest checkpoint, or from CHECKPOINT")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--max-tokens", type=int, default=0, help="0: the whole validation split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
+    p.add_argument("suite", help="a suite TOML, e.g. configs/suites/demo.toml")
+    p.add_argument("--out", help="output folder (default: runs/<suite name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every model's config, e.g. --set train.max_steps=50")
+    p.set_defaults(func=cmd_compare)
+
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from condcomp.runtime import flush_denormals
+
+    flush_denormals()
+    try:
+        return int(args.func(args) or 0)
+    except CondcompError as exc:
+        print(f"condcomp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("condcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

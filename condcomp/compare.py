@@ -1,0 +1,143 @@
+"""``condcomp compare SUITE.toml``: train a suite of models on the same data and token budget,
+then write the comparison report.
+
+A suite file::
+
+    [suite]
+    name = "demo"
+    base = "../dense_small.toml"   # preset every model starts from (relative to the suite)
+    budget_tokens = 1_000_000      # training tokens, the same for every model
+    decode_tokens = 64             # batch-1 decode tokens timed per model
+
+    [common]                       # config keys set for every model
+    train = { batch_size = 16, seq_len = 128 }
+
+    [[models]]
+    name = "dense-small"
+    config = { model = { d_model = 128 } }   # this model's own keys
+
+Every model trains into ``<out>/<model name>/``. A model whose run already finished is not
+trained again (its run is resumed, which for a finished run only re-evaluates), so a suite can
+be re-run to refresh the report, or extended with new models.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from condcomp import registry
+from condcomp.checkpoint import list_checkpoints
+from condcomp.config import apply_override, from_dict, read_toml
+from condcomp.errors import ConfigError
+from condcomp.generate import decode_tokens_per_s
+from condcomp.report import RunSummary, write_report
+from condcomp.runs import load_run, read_metrics
+from condcomp.runtime import device_name, resolve_device
+from condcomp.train import train
+
+
+@dataclass
+class SuiteModel:
+    name: str
+    config: dict[str, Any]
+
+
+@dataclass
+class Suite:
+    name: str
+    budget_tokens: int
+    decode_tokens: int
+    models: list[SuiteModel] = field(default_factory=list)
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
+    path = Path(path)
+    raw = read_toml(path)
+    unknown = sorted(set(raw) - {"suite", "common", "models"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table {unknown[0]!r}; a suite has [suite], [common] "
+                          "and [[models]]")
+    head = raw.get("suite", {})
+    name = head.get("name", path.stem)
+    budget = head.get("budget_tokens", 0)
+    if not isinstance(budget, int) or budget <= 0:
+        raise ConfigError(f"{path}: suite.budget_tokens must be a positive integer, got {budget!r}")
+    base: dict[str, Any] = {}
+    if "base" in head:
+        base = read_toml((path.parent / head["base"]).resolve())
+    models = raw.get("models", [])
+    if not models:
+        raise ConfigError(f"{path}: the suite has no [[models]]; add at least one")
+    suite = Suite(name, budget, int(head.get("decode_tokens", 64)))
+    seen = set()
+    for i, entry in enumerate(models):
+        model_name = entry.get("name")
+        if not model_name or not isinstance(model_name, str):
+            raise ConfigError(f"{path}: models[{i}] needs a name")
+        if model_name in seen:
+            raise ConfigError(f"{path}: two models are named {model_name!r}")
+        seen.add(model_name)
+        extra = set(entry) - {"name", "config"}
+        if extra:
+            raise ConfigError(f"{path}: models[{i}] ({model_name}) has unknown keys {sorted(extra)}; "
+                              "put config keys under config = { ... }")
+        merged = _deep_merge(_deep_merge(base, raw.get("common", {})), entry.get("config", {}))
+        for item in overrides or []:
+            apply_override(merged, item)
+        merged["name"] = model_name
+        merged.setdefault("train", {})["max_tokens"] = budget
+        from_dict(copy.deepcopy(merged)).validate()  # fail now, not after training half the suite
+        suite.models.append(SuiteModel(model_name, merged))
+    return suite
+
+
+def run_suite(path: str | Path, out_dir: str | Path | None = None,
+              overrides: list[str] | None = None, log=print) -> Path:
+    """Train every model of the suite (skipping finished ones) and write the report."""
+    suite = load_suite(path, overrides)
+    out = Path(out_dir or f"runs/{suite.name}")
+    summaries = []
+    for model in suite.models:
+        raw = copy.deepcopy(model.config)
+        raw["out_dir"] = str(out / model.name)
+        cfg = from_dict(raw).validate()
+        log(f"== {model.name}: {registry.describe(cfg.model)}")
+        resume = bool(list_checkpoints(cfg.run_dir))
+        result = train(cfg, resume=resume, log=log)
+        summaries.append(_summarise(model.name, result.run_dir, suite.decode_tokens))
+    device = resolve_device(from_dict(copy.deepcopy(suite.models[0].config)).train.device)
+    notes = [f"Every model trained on {suite.budget_tokens:,} tokens of the same data.",
+             "Decode speed: batch 1, greedy, static KV cache, timed after the prefill."]
+    return write_report(out, suite.name, summaries, notes=notes, device=device_name(device))
+
+
+def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
+    run = load_run(run_dir)  # the CPU: decode speed is the single-stream latency users see
+    metrics = read_metrics(run_dir)
+    evals = [row for row in metrics if "val_loss" in row]
+    trains = [row for row in metrics if row.get("kind") == "train"]
+    last = trains[-1] if trains else {"tokens": 0, "elapsed_s": 0.0}
+    seq_len = run.cfg.train.seq_len
+    decode = decode_tokens_per_s(run.model, new_tokens=decode_tokens)
+    return RunSummary(
+        name=name, run_dir=str(run_dir), family=registry.describe(run.cfg.model),
+        total_params=run.model.num_params(), active_params=run.model.num_params(active_only=True),
+        flops_per_token=run.model.flops_per_token(seq_len),
+        final_val_loss=evals[-1]["val_loss"] if evals else float("nan"),
+        bits_per_byte=evals[-1]["val_bpb"] if evals else float("nan"),
+        train_tokens_per_s=last["tokens"] / last["elapsed_s"] if last["elapsed_s"] else 0.0,
+        decode_tokens_per_s=decode, metrics=metrics)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+

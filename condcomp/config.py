@@ -1,0 +1,395 @@
+"""Configs: dataclasses with validation, loaded from TOML presets with ``--set`` overrides.
+
+A run config has three sections, ``[model]``, ``[data]`` and ``[train]``. The model names,
+for each of the four seams of DESIGN.md, the family that fills it and (for per-layer seams)
+on which layers::
+
+    [model.ffn]            # the FFN slot
+    kind = "mlp"           # a registered family (see ``condcomp.registry``)
+    layers = "all"         # "all" | "even" | "odd" | [0, 2, ...]; other layers get the dense MLP
+    # ...the family's own options, validated by its options dataclass
+
+Every impossible value raises :class:`ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_origin, get_type_hints
+
+from condcomp.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+LayerSelection = str | list  # "all" | "even" | "odd" | "none" | [layer indices]
+
+
+@dataclass
+class SeamConfig:
+    """Which family fills one seam, on which layers, with which options.
+
+    ``options`` holds the family's own keys; they are checked against the family's options
+    dataclass when the config is validated (:func:`condcomp.registry.parse_options`).
+    """
+
+    kind: str
+    layers: LayerSelection = "all"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def selects(self, layer_idx: int, n_layers: int) -> bool:
+        return layer_idx in select_layers(self.layers, n_layers, "?")
+
+
+def select_layers(selection: LayerSelection, n_layers: int, key: str) -> set[int]:
+    """Resolve a layer selection ("all", "even", "odd", "none" or a list of indices)."""
+    if isinstance(selection, str):
+        named = {
+            "all": set(range(n_layers)),
+            "none": set(),
+            "even": set(range(0, n_layers, 2)),
+            "odd": set(range(1, n_layers, 2)),
+        }
+        if selection not in named:
+            raise ConfigError(
+                f"{key} = {selection!r} is not a layer selection; use one of "
+                f"{sorted(named)} or a list of layer indices such as [1, 3]"
+            )
+        return named[selection]
+    if isinstance(selection, (list, tuple)):
+        bad = [i for i in selection if not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(
+                f"{key} names layers {bad} that do not exist; the model has layers 0..{n_layers - 1}"
+            )
+        return set(selection)
+    raise ConfigError(f"{key} must be a string or a list of layer indices, got {selection!r}")
+
+
+# The family each seam gets when the config names none: the plain dense transformer.
+SEAM_DEFAULTS = {"ffn": "mlp", "attention": "dense", "wrapper": "full", "residual": "plain"}
+
+
+def _default_seam(seam: str) -> Any:
+    return field(default_factory=lambda: SeamConfig(kind=SEAM_DEFAULTS[seam]))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: as many as n_heads (no grouped-query attention)
+    d_ff: int = 0  # 0: 4 * d_model, or 8/3 * d_model rounded to 64 for swiglu
+    activation: str = "swiglu"
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    ffn: SeamConfig = _default_seam("ffn")
+    attention: SeamConfig = _default_seam("attention")
+    wrapper: SeamConfig = _default_seam("wrapper")
+    residual: SeamConfig = _default_seam("residual")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.activation == "swiglu":
+            # LLaMA's choice: 2/3 of 4*d so the gated MLP has the params of a 4*d plain one.
+            return max(64, int(round(8 * self.d_model / 3 / 64)) * 64)
+        return 4 * self.d_model
+
+    def seams(self) -> dict[str, SeamConfig]:
+        return {"ffn": self.ffn, "attention": self.attention, "wrapper": self.wrapper,
+                "residual": self.residual}
+
+    def validate(self) -> None:
+        _positive(self, "model", ["d_model", "n_layers", "n_heads", "max_seq_len"])
+        _non_negative(self, "model", ["vocab_size", "n_kv_heads", "d_ff"])
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads = {self.n_heads} does not divide model.d_model = {self.d_model}; "
+                "pick a head count that divides d_model"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.d_model / model.n_heads = {self.head_dim} is odd; RoPE needs an even head "
+                "dimension"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads = {self.kv_heads} does not divide model.n_heads = {self.n_heads}; "
+                "grouped-query attention needs n_heads to be a multiple of n_kv_heads"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.activation = {self.activation!r} is unknown; use one of {list(ACTIVATIONS)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout = {self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
+        from condcomp import registry  # late: the registry imports the families, which import us
+
+        for seam_name, seam in self.seams().items():
+            registry.validate_seam(seam_name, seam, self)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"  # "shakespeare", or a path: text file, directory, .jsonl, .parquet, .tar.gz/.tar.xz
+    tokenizer: str = "byte"  # "byte" (no training) or "bpe" (HF tokenizers, trained on the train split)
+    vocab_size: int = 4096  # BPE only
+    val_fraction: float = 0.05
+    text_field: str = "text"  # the field that holds the text in .jsonl / .parquet
+    cache_dir: str = ".cache/condcomp"  # packed token shards, keyed by content hash
+
+    def validate(self) -> None:
+        if self.tokenizer not in ("byte", "bpe"):
+            raise ConfigError(f"data.tokenizer = {self.tokenizer!r} is unknown; use 'byte' or 'bpe'")
+        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 2**31 - 1:
+            raise ConfigError(
+                f"data.vocab_size = {self.vocab_size} is too small for BPE; use at least 260 "
+                "(256 bytes plus special tokens)"
+            )
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in (0, 0.5)")
+        if not self.corpus:
+            raise ConfigError("data.corpus is empty; name 'shakespeare' or a path to your text data")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    max_steps: int = 1000
+    max_tokens: int = 0  # >0: overrides max_steps with ceil(max_tokens / tokens per step)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 200
+    eval_tokens: int = 131072  # validation tokens per periodic evaluation
+    ckpt_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_tokens > 0:
+            return -(-self.max_tokens // self.tokens_per_step)
+        return self.max_steps
+
+    def validate(self) -> None:
+        _positive(self, "train", ["batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens",
+                                   "ckpt_every", "keep_last", "log_every", "max_nonfinite"])
+        _non_negative(self, "train", ["max_steps", "max_tokens", "warmup_steps", "weight_decay",
+                                       "grad_clip"])
+        if self.total_steps <= 0:
+            raise ConfigError("train.max_steps (or train.max_tokens) must be positive")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr = {self.lr} must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)} must be in [0, 1)")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(
+                f"train.dtype = {self.dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(
+                f"train.device = {self.device!r} is unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            )
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = ""  # "": runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len = {self.train.seq_len} exceeds model.max_seq_len = "
+                f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML preset (or the defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw).validate()
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for the presets")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} needs the form section.key=value, e.g. train.lr=1e-3")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: the key {key!r} is malformed")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a table, got {raw!r}")
+    if cls is SeamConfig:
+        return _build_seam(raw, prefix)
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(prefix, unknown[0])}; valid keys in [{prefix or 'top level'}]: "
+            f"{sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, _join(prefix, name))
+    return cls(**kwargs)
+
+
+def _build_seam(raw: dict[str, Any], prefix: str) -> SeamConfig:
+    raw = dict(raw)
+    kind = raw.pop("kind", SEAM_DEFAULTS.get(prefix.split(".")[-1], ""))
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{prefix}.kind must name a family, got {kind!r}")
+    layers = raw.pop("layers", "all")
+    options = raw.pop("options", {})
+    options.update(raw)  # family options may sit in the seam table itself
+    return SeamConfig(kind=kind, layers=layers, options=options)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin in (dict, list, tuple) or tp in (dict, list):
+        expected = origin or tp
+        if not isinstance(value, expected if expected is not tuple else (list, tuple)):
+            raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _positive(obj: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name} = {value} must be positive")
+
+
+def _non_negative(obj: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ConfigError(f"{section}.{name} = {value} must not be negative")
+
+
+def options_from_dict(cls: type, options: dict[str, Any], key: str) -> Any:
+    """Build a family's options dataclass from a seam's ``options``, naming unknown keys."""
+    return _build(cls, options, key)

@@ -1,0 +1,153 @@
+"""Generation: prefill, then one-token decode steps over a static KV cache (gpt-fast style).
+
+``prefill`` runs the whole prompt once and fills the cache; ``decode_one_token`` runs a single
+position. Both keep fixed shapes, so the decode step can be compiled once and reused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from condcomp.errors import GenerationError
+from condcomp.model import TransformerLM
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    def validate(self) -> Sampling:
+        if self.temperature < 0:
+            raise GenerationError(f"--temperature {self.temperature} must not be negative")
+        if self.top_k < 0:
+            raise GenerationError(f"--top-k {self.top_k} must not be negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"--top-p {self.top_p} must be in (0, 1]")
+        return self
+
+
+def sample(logits_BV: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Next token ids ``[B, 1]`` from the last-position logits."""
+    if sampling.temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits = logits_BV.float() / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose
+        # probability mass reaches top_p; the most likely token always stays.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def prefill(model: TransformerLM, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """Run the prompt through the model, filling the KV cache; last-position logits ``[B, V]``."""
+    input_pos = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
+    return model(tokens_BT, input_pos=input_pos).logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: TransformerLM, token_B1: torch.Tensor, input_pos: torch.Tensor
+                     ) -> torch.Tensor:
+    """One decode step at position ``input_pos`` (shape ``[1]``); logits ``[B, V]``."""
+    return model(token_B1, input_pos=input_pos).logits[:, -1]
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    if prompt_len == 0:
+        raise GenerationError("the prompt is empty; give at least one character with --prompt")
+    if prompt_len > context:
+        raise GenerationError(
+            f"the prompt is {prompt_len} tokens but the model's context is {context} tokens; "
+            "shorten the prompt"
+        )
+    if prompt_len + max_new_tokens > context:
+        raise GenerationError(
+            f"the prompt ({prompt_len} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's context of {context} tokens; lower --max-new-tokens to at most "
+            f"{context - prompt_len} or shorten the prompt"
+        )
+
+
+@torch.no_grad()
+def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
+             sampling: Sampling | None = None, on_token: Callable[[int], None] | None = None,
+             seed: int | None = None, decode_step: Callable | None = None,
+             stop_id: int | None = None) -> list[int]:
+    """Sample up to ``max_new_tokens`` after ``prompt_ids`` (batch 1); returns the new ids.
+
+    ``on_token`` is called with each id as soon as it is sampled (for streaming output).
+    ``decode_step`` replaces :func:`decode_one_token` (e.g. a ``torch.compile``d copy of it).
+    Generation stops early at ``stop_id`` (the tokenizer's end-of-text), which is not returned.
+    """
+    sampling = (sampling or Sampling()).validate()
+    check_fits(len(prompt_ids), max_new_tokens, model.cfg.max_seq_len)
+    device = model.tok_emb.weight.device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    decode_step = decode_step or decode_one_token
+    was_training = model.training
+    model.eval()
+    model.setup_cache(batch_size=1, max_len=len(prompt_ids) + max_new_tokens)
+    try:
+        logits = prefill(model, torch.tensor([prompt_ids], device=device))
+        out: list[int] = []
+        pos = torch.tensor([len(prompt_ids)], device=device)
+        for _ in range(max_new_tokens):
+            token = sample(logits, sampling, generator)
+            token_id = int(token.item())
+            if token_id == stop_id:
+                break
+            out.append(token_id)
+            if on_token is not None:
+                on_token(token_id)
+            if len(out) == max_new_tokens:
+                break
+            logits = decode_step(model, token, pos)
+            pos += 1
+        return out
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: TransformerLM, prompt_len: int = 16, new_tokens: int = 64,
+                        decode_step: Callable | None = None, warmup_tokens: int = 4) -> float:
+    """Batch-1 greedy decode speed: new tokens per second after the prefill.
+
+    The prompt is random token ids (content does not change the work done). One short
+    generation first warms up allocators and, if ``decode_step`` is compiled, compiles it.
+    """
+    device = model.tok_emb.weight.device
+    prompt_len = min(prompt_len, model.cfg.max_seq_len // 2)
+    new_tokens = min(new_tokens, model.cfg.max_seq_len - prompt_len - 1)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+    greedy = Sampling(temperature=0.0)
+    generate(model, prompt, warmup_tokens, greedy, decode_step=decode_step)
+    timestamps: list[float] = []
+
+    def stamp(_: int) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timestamps.append(time.perf_counter())
+
+    generate(model, prompt, new_tokens + 1, greedy, on_token=stamp, decode_step=decode_step)
+    # From the first sampled token (end of prefill) to the last: new_tokens decode steps.
+    return new_tokens / (timestamps[-1] - timestamps[0])

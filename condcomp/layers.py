@@ -1,0 +1,9 @@
+"""The public layers: drop-in modules whose names and weight layouts are API (DESIGN.md).
+
+Every FFN-slot layer maps ``x[B, T, D]`` to ``[B, T, D]`` and, after each forward, leaves its
+auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``layer.stats``.
+"""
+
+from condcomp.model.mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,106 @@
+"""Causal self-attention, with the attention-projection seam and an optional KV cache.
+
+The Q/K/V projections are the seam (DESIGN.md, seam 2): a registered family maps
+``x[B, T, D]`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``. The dense
+family is three bias-free linear layers. Grouped-query attention (Ainslie et al. 2023) shares
+each K/V head among ``H / H_kv`` query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp import registry
+from condcomp.config import ModelConfig
+from condcomp.model.kv_cache import KVCache
+from condcomp.model.rope import Positions, apply_rope
+
+
+class DenseQKV(nn.Module):
+    """Dense attention projections: ``wq [H*d, D]``, ``wk``/``wv [H_kv*d, D]`` (nn.Linear)."""
+
+    def __init__(self, d_model: int, n_heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=std)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * sum(lin.weight.numel() for lin in (self.wq, self.wk, self.wv))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = registry.build("attention", cfg, layer_idx)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout_p = cfg.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self.qkv(x_BTD)
+        q = apply_rope(q, positions).transpose(1, 2)  # [B, H, T, d]
+        k = apply_rope(k, positions).transpose(1, 2)
+        v = v.transpose(1, 2)
+        gqa = self.kv_heads != self.n_heads
+        if self.kv_cache is not None:
+            if positions.pos_BT is None:
+                raise RuntimeError("decoding with a KV cache needs explicit input positions")
+            k_all, v_all, mask = self.kv_cache.update(positions.pos_BT, k, v)
+            y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
+                                               attn_mask=mask, enable_gqa=gqa)
+        else:
+            # The tokens are in causal order (a wrapper that selects tokens keeps their order),
+            # so the causal mask on the local index is the causal mask on positions.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=gqa,
+                dropout_p=self.dropout_p if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.wo.weight, std=residual_std)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: projections, plus QK^T and AV over the causal context.
+
+        Under a causal mask a token at position t attends to t+1 keys, (T+1)/2 on average;
+        flash attention skips the masked half, so that is the work really done.
+        """
+        context = (seq_len + 1) / 2
+        scores = 2 * 2 * self.n_heads * self.head_dim * context  # QK^T and AV
+        return self.qkv.flops_per_token() + 2.0 * self.wo.weight.numel() + scores
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        self.kv_cache = KVCache(batch_size, self.kv_heads, max_len, self.head_dim, dtype, device)
+
+
+@dataclass
+class DenseQKVOptions:
+    """Dense projections take no options."""
+
+
+def _build_dense(options: DenseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> DenseQKV:
+    return DenseQKV(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+
+
+registry.register(registry.Family("dense", "attention", DenseQKVOptions, _build_dense,
+                                  "dense Q/K/V projections"))

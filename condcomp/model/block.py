@@ -1,0 +1,39 @@
+"""The transformer block, assembled from its seams.
+
+``Block`` is pre-norm (Xiong et al. 2020): attention and the FFN slot each read a normalised
+copy of the residual stream. Its forward returns the block's *update* to the stream, not the
+new stream, so the block wrapper (seam 3) decides how the update is applied: added for every
+token, or for a routed subset and scaled by the router (Mixture-of-Depths, Raposo et al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from condcomp import registry
+from condcomp.config import ModelConfig
+from condcomp.model.attention import Attention
+from condcomp.model.norm import RMSNorm
+from condcomp.model.rope import Positions
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = registry.build("ffn", cfg, layer_idx)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """The residual update of this block: ``a + f`` where ``a = attn(norm(x))`` and
+        ``f = ffn(norm(x + a))``, so that ``x + update`` is the usual pre-norm block."""
+        a = self.dropout(self.attn(self.attn_norm(x_BTD), positions))
+        f = self.dropout(self.ffn(self.ffn_norm(x_BTD + a)))
+        return a + f
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.attn.flops_per_token(seq_len) + self.ffn.flops_per_token()

@@ -1,0 +1,46 @@
+"""A static, preallocated KV cache written at ``input_pos`` (as in gpt-fast).
+
+Shapes are fixed for the whole generation, so a compiled decode step never recompiles. The
+cache also records which slots hold a token (``filled_BL``): a block that only some tokens
+enter (Mixture-of-Depths) leaves the skipped positions empty, and attention never reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.register_buffer("k_BHLd", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v_BHLd", torch.zeros(shape, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("filled_BL", torch.zeros(batch_size, max_len, dtype=torch.bool,
+                                                      device=device), persistent=False)
+        self.register_buffer("slot_L", torch.arange(max_len, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k_BHLd.shape[2]
+
+    def update(self, pos_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at their positions; return the whole cache and the
+        attention mask ``[B, 1, T, L]`` (a slot is visible if filled and not in the future)."""
+        B, T = k_BHTd.shape[0], k_BHTd.shape[2]
+        pos_BT = pos_BT.expand(B, T)  # positions shared by the batch arrive as [1, T]
+        batch_BT = torch.arange(B, device=pos_BT.device).unsqueeze(1).expand(B, T)
+        # Advanced indices in dims 0 and 2 put [B, T] first: the values are [B, T, H, d].
+        self.k_BHLd[batch_BT, :, pos_BT] = k_BHTd.transpose(1, 2).to(self.k_BHLd.dtype)
+        self.v_BHLd[batch_BT, :, pos_BT] = v_BHTd.transpose(1, 2).to(self.v_BHLd.dtype)
+        self.filled_BL[batch_BT, pos_BT] = True
+        visible_BTL = self.filled_BL.unsqueeze(1) & (self.slot_L <= pos_BT.unsqueeze(-1))
+        return self.k_BHLd, self.v_BHLd, visible_BTL.unsqueeze(1)
+
+    def reset(self) -> None:
+        self.filled_BL.zero_()

@@ -1,0 +1,147 @@
+"""The family registry: which module fills each of the four seams of a block.
+
+DESIGN.md names four seams where conditional computation plugs into a transformer:
+
+- ``ffn``: the FFN slot, ``x[B,T,D] -> y[B,T,D]`` (dense MLP, MoE, Mixture of Tokens, Sparse FF);
+- ``attention``: the attention projections (dense or Sparse QKV);
+- ``wrapper``: the block wrapper that decides which tokens enter a block (all, or MoD);
+- ``residual``: the residual stream between blocks (width D, or AltUp's K x D).
+
+A family is one file that calls :func:`register` once. Adding a family never touches the
+block, the model or the train loop: they look the family up here by the config's ``kind``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from condcomp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from condcomp.config import ModelConfig, SeamConfig
+
+SEAMS = ("ffn", "attention", "wrapper", "residual")
+
+# Modules that register the built-in families; imported on first lookup so that importing
+# the registry stays cheap and free of import cycles.
+BUILTIN_FAMILY_MODULES = (
+    "condcomp.model.mlp",
+    "condcomp.model.attention",
+    "condcomp.model.wrappers",
+    "condcomp.model.residual",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One way to fill a seam.
+
+    ``options`` is a dataclass of the family's own config keys (with defaults); it may define
+    ``validate(model_cfg)`` raising :class:`ConfigError`. ``build(options, model_cfg, layer_idx)``
+    returns the module (``layer_idx`` is ``None`` for the model-wide residual seam).
+    """
+
+    name: str
+    seam: str
+    options: type
+    build: Callable[..., nn.Module]
+    summary: str = ""
+
+
+@dataclass
+class NoOptions:
+    """For families that take no options."""
+
+
+_FAMILIES: dict[str, dict[str, Family]] = {seam: {} for seam in SEAMS}
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    if family.seam not in SEAMS:
+        raise ValueError(f"unknown seam {family.seam!r}; seams are {SEAMS}")
+    existing = _FAMILIES[family.seam].get(family.name)
+    if existing is not None and existing is not family:
+        raise ValueError(f"family {family.name!r} is registered twice for seam {family.seam!r}")
+    _FAMILIES[family.seam][family.name] = family
+    return family
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_FAMILY_MODULES:
+            importlib.import_module(module)
+
+
+def families(seam: str) -> dict[str, Family]:
+    _load_builtins()
+    return dict(_FAMILIES[seam])
+
+
+def get(seam: str, name: str) -> Family:
+    _load_builtins()
+    try:
+        return _FAMILIES[seam][name]
+    except KeyError:
+        known = sorted(_FAMILIES[seam])
+        raise ConfigError(
+            f"model.{seam}.kind = {name!r} is not a known {seam} family; known: {known}"
+        ) from None
+
+
+def parse_options(seam: str, seam_cfg: SeamConfig) -> Any:
+    """The seam's options as the family's options dataclass (unknown keys are errors)."""
+    from condcomp.config import options_from_dict
+
+    family = get(seam, seam_cfg.kind)
+    return options_from_dict(family.options, seam_cfg.options, f"model.{seam}")
+
+
+def validate_seam(seam: str, seam_cfg: SeamConfig, model_cfg: ModelConfig) -> None:
+    from condcomp.config import select_layers
+
+    if seam == "residual" and seam_cfg.layers != "all":
+        raise ConfigError("model.residual.layers: the residual stream spans the whole model; "
+                          "remove the key")
+    select_layers(seam_cfg.layers, model_cfg.n_layers, f"model.{seam}.layers")
+    options = parse_options(seam, seam_cfg)
+    validate = getattr(options, "validate", None)
+    if validate is not None:
+        validate(model_cfg)
+
+
+def build(seam: str, model_cfg: ModelConfig, layer_idx: int | None) -> nn.Module:
+    """Build the module for ``seam`` at ``layer_idx``: the configured family on the layers it
+    selects, and the seam's default (dense) family elsewhere."""
+    from condcomp.config import SEAM_DEFAULTS, SeamConfig
+
+    seam_cfg: SeamConfig = getattr(model_cfg, seam)
+    if layer_idx is not None and not seam_cfg.selects(layer_idx, model_cfg.n_layers):
+        seam_cfg = SeamConfig(kind=SEAM_DEFAULTS[seam])
+    family = get(seam, seam_cfg.kind)
+    return family.build(parse_options(seam, seam_cfg), model_cfg, layer_idx)
+
+
+def describe(model_cfg: ModelConfig) -> str:
+    """A short human description of which families fill which seams (for reports)."""
+    from condcomp.config import SEAM_DEFAULTS
+
+    parts = []
+    for seam in SEAMS:
+        seam_cfg = getattr(model_cfg, seam)
+        if seam_cfg.kind != SEAM_DEFAULTS[seam]:
+            where = "" if seam_cfg.layers == "all" else f" on {seam_cfg.layers} layers"
+            parts.append(f"{seam_cfg.kind}{where}")
+    return ", ".join(parts) or "dense"
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

@@ -1,0 +1,276 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, checkpoints, resume.
+
+The loop knows nothing of any family's internals: it adds the model's summed ``aux_loss`` to
+the LM loss and logs whatever statistics the layers report.
+
+Resuming is exact. The batch of step ``s`` is a pure function of ``(seed, s)``, and a
+checkpoint carries the weights, the optimizer and scheduler states and the RNG states, so a run
+stopped at any checkpoint (even by SIGKILL) and resumed reproduces the uninterrupted run's
+losses bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condcomp import checkpoint as ckpt_lib
+from condcomp.config import RunConfig
+from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
+from condcomp.errors import CondcompError, ConfigError, TrainingError
+from condcomp.evaluate import EvalResult, evaluate
+from condcomp.model import TransformerLM
+from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
+from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_eval: EvalResult | None
+    train_tokens_per_s: float
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` (Loshchilov & Hutter 2017)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: TransformerLM, cfg: RunConfig, device: torch.device
+                   ) -> torch.optim.AdamW:
+    # Weight decay on matrices only: norms' gains and biases are not decayed (nanoGPT, GPT-3).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                             fused=device.type == "cuda")
+
+
+class MetricsLog:
+    """JSONL rows plus TensorBoard scalars. On resume, rows after the checkpoint (written by
+    the interrupted process) are dropped, and TensorBoard purges them too."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if key not in ("step", "kind") and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def _float_stats(stats: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue  # per-expert vectors go to dedicated logs, not the scalar log
+            value = value.item()
+        out[key] = float(value)
+    return out
+
+
+def train(cfg: RunConfig, resume: bool | str | Path = False,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg`` into ``cfg.run_dir``; ``resume`` continues from the newest checkpoint
+    (``True``) or from a named one."""
+    run_dir = cfg.run_dir
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    flush_denormals()
+    amp_dtype = autocast_dtype(device, tc.dtype)
+
+    ckpt = None
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise CondcompError(f"--resume: {run_dir} holds no run to resume; drop --resume to "
+                                "start one")
+        saved = read_config(run_dir)
+        if saved.model != _with_vocab(cfg, saved.model.vocab_size).model:
+            raise ConfigError(f"--resume: the model config differs from the one {run_dir} was "
+                              "trained with; resume with the same config, or use a new out_dir")
+        cfg.model.vocab_size = saved.model.vocab_size
+        ckpt = ckpt_lib.resolve_checkpoint(run_dir, None if resume is True else resume)
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    else:
+        if ckpt_lib.list_checkpoints(run_dir):
+            raise CondcompError(f"{run_dir} already holds checkpoints; pass --resume to continue "
+                                "that run, or choose another run name / out_dir")
+        tokenizer = None
+
+    data: PreparedData = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.tokenizer.vocab_size
+    elif cfg.model.vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {data.tokenizer.vocab_size}; set it to 0 (automatic)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir)
+        data.tokenizer.save(run_dir / TOKENIZER_DIR)
+
+    torch.manual_seed(tc.seed)
+    model = TransformerLM(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    total = tc.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, tc.warmup_steps, total, tc.min_lr_ratio))
+
+    step, elapsed, nonfinite = 0, 0.0, 0
+    if ckpt is not None:
+        state = ckpt_lib.load_checkpoint(ckpt, model, run_dir, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        step, elapsed, nonfinite = state["step"], state["elapsed_s"], state["nonfinite"]
+        log(f"resumed {run_dir} from {ckpt.path} at step {step}")
+
+    metrics = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
+    batches = TrainBatches(data.train, tc.batch_size, tc.seq_len, tc.seed)
+    forward = torch.compile(model) if tc.compile else model
+    n_params, n_active = model.num_params(), model.num_params(active_only=True)
+    flops_per_token = model.flops_per_token(tc.seq_len)
+    log(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), "
+        f"{flops_per_token / 1e6:.2f} MFLOPs/token forward; {total} steps of "
+        f"{tc.tokens_per_step} tokens on {device}")
+
+    def evaluate_now() -> EvalResult:
+        return evaluate(model, data.val, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                        max_tokens=tc.eval_tokens, bytes_per_token=data.val_bytes_per_token,
+                        device=device, dtype=amp_dtype)
+
+    def save(at_step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng_cpu": torch.get_rng_state(), "step": at_step, "elapsed_s": elapsed,
+                 "nonfinite": nonfinite, "tokens": at_step * tc.tokens_per_step}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        return ckpt_lib.save_checkpoint(run_dir, at_step, model, state, tc.keep_last)
+
+    progress = _progress_bar(tc.progress, total, step)
+    final_eval: EvalResult | None = None
+    window_tokens, window_time = 0, 0.0
+    tokens_per_s = 0.0
+    model.train()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                x, y = batches.get(step * tc.grad_accum + micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, amp_dtype):
+                    out = forward(x, y)
+                    loss = out.total_loss / tc.grad_accum
+                loss.backward()
+                loss_sum += out.loss.detach() / tc.grad_accum
+                aux_sum += out.aux_loss.detach() / tc.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            train_loss, grad_norm_f = loss_sum.item(), grad_norm.item()
+            skipped = not (math.isfinite(train_loss) and math.isfinite(grad_norm_f))
+            if skipped:
+                nonfinite += 1
+            else:
+                nonfinite = 0
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            with warnings.catch_warnings():
+                # A skipped update before the first real one would make torch warn that the
+                # schedule steps before the optimizer; the schedule follows the step count.
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            window_tokens += tc.tokens_per_step
+            window_time += dt
+            progress.update(1)
+
+            if skipped or step % tc.log_every == 0 or step == total:
+                tokens_per_s = window_tokens / max(window_time, 1e-9)
+                window_tokens, window_time = 0, 0.0
+                row = {"kind": "train", "step": step, "tokens": step * tc.tokens_per_step,
+                       "elapsed_s": elapsed, "train_loss": train_loss, "aux_loss": aux_sum.item(),
+                       "lr": lr, "grad_norm": grad_norm_f, "tokens_per_s": tokens_per_s}
+                mfu = model.estimate_mfu(tokens_per_s, tc.seq_len, device)
+                if mfu is not None:
+                    row["mfu"] = mfu
+                if skipped:
+                    row["skipped_nonfinite"] = nonfinite
+                row.update(_float_stats(out.stats))
+                metrics.write(row)
+                progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if skipped:
+                log(f"step {step}: non-finite loss ({train_loss}) or gradient norm "
+                    f"({grad_norm_f}); update skipped ({nonfinite} in a row)")
+                if nonfinite >= tc.max_nonfinite:
+                    path = save(step)
+                    raise TrainingError(
+                        f"{nonfinite} non-finite steps in a row (limit train.max_nonfinite = "
+                        f"{tc.max_nonfinite}); stopped at step {step} with checkpoint {path}. "
+                        "Lower train.lr, raise train.warmup_steps, or check the data")
+            if step % tc.eval_every == 0 or step == total:
+                final_eval = evaluate_now()
+                metrics.write({"kind": "eval", "step": step, "tokens": step * tc.tokens_per_step,
+                               "elapsed_s": elapsed, **final_eval.as_dict()})
+                progress.write(f"step {step}: val loss {final_eval.loss:.4f}, "
+                               f"bits/byte {final_eval.bits_per_byte:.4f}")
+            if step % tc.ckpt_every == 0 or step == total:
+                save(step)
+    finally:
+        progress.close()
+        metrics.close()
+    if final_eval is None:  # resumed at the end: nothing left to train
+        final_eval = evaluate_now()
+    return TrainResult(run_dir, step, final_eval, tokens_per_s)
+
+
+def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    """``cfg`` with the saved run's vocab size, so an automatic (0) vocab compares equal."""
+    import copy
+
+    other = copy.deepcopy(cfg)
+    if other.model.vocab_size == 0:
+        other.model.vocab_size = vocab_size
+    return other
+
+
+def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                dynamic_ncols=True, desc="train")

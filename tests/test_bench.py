@@ -1,0 +1,89 @@
+"""Tests of ``condcomp bench`` (condcomp.bench): a tiny model on the CPU, a few steps.
+
+These check that the command runs and reports every figure, not how fast anything is:
+benchmarks are commands that print figures, not timed tests (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from condcomp.bench import add_parser, format_table, run
+from condcomp.errors import ConfigError
+
+# A tiny GQA model; every shape through the options, as a user would give them.
+TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
+        "--set", "model.n_kv_heads=2", "--set", "model.d_ff=64", "--set", "model.max_seq_len=64",
+        "--vocab-size", "97", "--batch-size", "2", "--seq-len", "32", "--steps", "2",
+        "--warmup", "1", "--decode-tokens", "6", "--prompt-len", "4", "--decode-repeats", "2",
+        "--device", "cpu"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+def run_bench(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    args = parse([*TINY, "--json", str(out), *extra])
+    assert args.func is run
+    assert run(args) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_against_hf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("transformers")
+    result = run_bench(tmp_path, "--peer", "hf")
+    models = result["models"]
+    assert set(models) == {"ours", "hf"}
+    for m in models.values():
+        assert m["train"]["tokens_per_s"] > 0 and m["train"]["tflops"] > 0
+        assert m["train"]["mfu"] is None  # the CPU has no known peak
+        assert len(m["train"]["step_s"]) == 2
+        assert m["decode"]["tokens_per_s"] > 0
+        assert len(m["decode"]["tokens_per_s_runs"]) == 2
+    # Same shape, same weights: same size, same loss, same greedy tokens.
+    assert models["ours"]["params"] == models["hf"]["params"]
+    assert result["checks"]["first_step_loss"]["match"]
+    assert result["checks"]["decode_tokens_agree"] == 1.0
+    assert result["ratios"]["train_tokens_per_s"] > 0
+    assert result["ratios"]["decode_tokens_per_s"] > 0
+    assert result["device"]["type"] == "cpu" and result["device"]["name"]
+    assert result["dtype"] == "float32"
+    assert result["config"]["model"]["vocab_size"] == 97
+    assert result["command"].startswith("condcomp bench ")
+    assert "--seq-len 32" in result["command"]
+    printed = capsys.readouterr().out
+    assert "ours / HF" in printed and "decode tok/s" in printed
+
+
+def test_bench_alone(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "--peer", "none", "--what", "decode")
+    assert set(result["models"]) == {"ours"}
+    assert result["models"]["ours"]["decode"]["tokens_per_s"] > 0
+    assert "train" not in result["models"]["ours"]
+    assert result["ratios"] == {}
+    assert "ours / HF" not in format_table(result)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--what", "train,sing"], "--what"),
+    (["--decode-tokens", "1"], "--decode-tokens"),
+    (["--decode-tokens", "100"], "max_seq_len"),
+    (["--seq-len", "128"], "max_seq_len"),
+])
+def test_bad_options_say_what_to_fix(tmp_path: Path, extra: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        run(parse([*TINY, "--peer", "none", *extra]))
+
+
+def test_non_llama_model_needs_peer_none(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match="--peer none"):
+        run(parse([*TINY, "--peer", "hf", "--set", "model.activation=gelu"]))
