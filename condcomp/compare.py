@@ -16,6 +16,10 @@ A suite file::
     name = "dense-small"
     config = { model = { d_model = 128 } }   # this model's own keys
 
+    [[models]]
+    name = "switch"
+    preset = "../switch.toml"      # start from another preset instead of the suite's base
+
 Every model trains into ``<out>/<model name>/``. A model whose run already finished is not
 trained again (its run is resumed, which for a finished run only re-evaluates), so a suite can
 be re-run to refresh the report, or extended with new models.
@@ -30,7 +34,7 @@ from typing import Any
 
 from condcomp import registry
 from condcomp.checkpoint import list_checkpoints
-from condcomp.config import apply_override, from_dict, read_toml
+from condcomp.config import apply_override, deep_merge, from_dict, read_toml
 from condcomp.errors import ConfigError
 from condcomp.generate import decode_tokens_per_s
 from condcomp.report import RunSummary, write_report
@@ -80,11 +84,12 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
         if model_name in seen:
             raise ConfigError(f"{path}: two models are named {model_name!r}")
         seen.add(model_name)
-        extra = set(entry) - {"name", "config"}
+        extra = set(entry) - {"name", "config", "preset"}
         if extra:
             raise ConfigError(f"{path}: models[{i}] ({model_name}) has unknown keys {sorted(extra)}; "
                               "put config keys under config = { ... }")
-        merged = _deep_merge(_deep_merge(base, raw.get("common", {})), entry.get("config", {}))
+        start = read_toml((path.parent / entry["preset"]).resolve()) if "preset" in entry else base
+        merged = deep_merge(deep_merge(start, raw.get("common", {})), entry.get("config", {}))
         for item in overrides or []:
             apply_override(merged, item)
         merged["name"] = model_name
@@ -130,14 +135,3 @@ def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
         bits_per_byte=evals[-1]["val_bpb"] if evals else float("nan"),
         train_tokens_per_s=last["tokens"] / last["elapsed_s"] if last["elapsed_s"] else 0.0,
         decode_tokens_per_s=decode, metrics=metrics)
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-

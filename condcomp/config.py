@@ -14,6 +14,7 @@ Every impossible value raises :class:`ConfigError` naming the key and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import types
@@ -277,14 +278,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(raw).validate()
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a TOML config. A top-level ``extends = "other.toml"`` (relative to this file)
+    starts from that preset and overrides its keys, so a preset states only what it changes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for the presets")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"config file {path}: 'extends' makes a cycle through {base_path}")
+    return deep_merge(read_toml(base_path, (*_seen, base_path)), raw)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys on top; tables merge key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -4,6 +4,7 @@ Every FFN-slot layer maps ``x[B, T, D]`` to ``[B, T, D]`` and, after each forwar
 auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``layer.stats``.
 """
 
+from condcomp.conditional.moe import MoE
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "MoE"]

@@ -35,6 +35,7 @@ BUILTIN_FAMILY_MODULES = (
     "condcomp.model.attention",
     "condcomp.model.wrappers",
     "condcomp.model.residual",
+    "condcomp.conditional.moe",
 )
 
 

@@ -241,6 +241,54 @@ def _write_plots(out_dir: Path, suite_name: str, runs: Sequence[RunSummary]) -> 
     )
 
 
+# --------------------------------------------------------------------------- expert load
+
+# Metrics keys ending so hold a per-expert vector (the fraction of routed tokens per expert).
+EXPERT_LOAD_SUFFIX = ".tokens_per_expert"
+
+
+def expert_load_history(run: RunSummary) -> dict[str, tuple[list[int], list[list[float]]]]:
+    """Per MoE layer: the logged steps and, at each, the fraction of tokens per expert."""
+    history: dict[str, tuple[list[int], list[list[float]]]] = {}
+    for row in run.metrics:
+        for key, value in row.items():
+            if key.endswith(EXPERT_LOAD_SUFFIX) and isinstance(value, list):
+                steps, loads = history.setdefault(key[: -len(EXPERT_LOAD_SUFFIX)], ([], []))
+                steps.append(int(row["step"]))
+                loads.append([float(v) for v in value])
+    return history
+
+
+def expert_load_file(run: RunSummary) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in run.name)
+    return f"expert_load_{safe}.png"
+
+
+def _plot_expert_load(path: Path, run: RunSummary) -> bool:
+    """A heat map per MoE layer (experts x training steps, colour = share of tokens), stacked
+    as layers; False when the run has no MoE layer."""
+    history = expert_load_history(run)
+    if not history:
+        return False
+    fig = Figure(figsize=(_FIGSIZE[0], 1.0 + 1.6 * len(history)), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(history), 1, squeeze=False)[:, 0]
+    # One colour scale for every layer, so the shared colour bar reads right on each panel.
+    vmax = max(max(max(load) for load in loads) for _, loads in history.values()) or 1.0
+    image = None
+    for ax, (layer, (steps, loads)) in zip(axes, sorted(history.items())):
+        matrix = [list(col) for col in zip(*loads)]  # experts x steps
+        image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax,
+                          extent=(steps[0], steps[-1], -0.5, len(matrix) - 0.5),
+                          interpolation="nearest")
+        ax.set_ylabel(f"{layer}\nexpert", fontsize=7)
+    axes[-1].set_xlabel("training step")
+    axes[0].set_title(f"{run.name}: share of routed tokens per expert")
+    fig.colorbar(image, ax=list(axes), label="share of tokens")
+    fig.savefig(path, dpi=_DPI)
+    return True
+
+
 # --------------------------------------------------------------------------- markdown
 
 _COLUMNS = (
@@ -319,6 +367,12 @@ def _plots_section(runs: Sequence[RunSummary]) -> list[str]:
     missing = [run.name for run in runs if not _has_val_rows(run)]
     if missing:
         lines += [f"Not plotted (no validation points): {', '.join(missing)}.", ""]
+    routed = [run for run in runs if expert_load_history(run)]
+    if routed:
+        lines += ["## Expert load", "",
+                  "Share of each MoE layer's routed tokens that each expert received, over "
+                  "training (uniform is 1/E; a dark row is an expert left idle).", ""]
+        lines += [f"![Expert load of {run.name}]({expert_load_file(run)})\n" for run in routed]
     return lines
 
 
@@ -378,6 +432,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_plots(out_dir, suite_name, runs)
+    for run in runs:
+        _plot_expert_load(out_dir / expert_load_file(run), run)
     summary_path = out_dir / "summary.json"
     summary_path.write_text(
         json.dumps(_summary(suite_name, runs, device), indent=2, allow_nan=False) + "\n",

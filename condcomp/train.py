@@ -80,22 +80,30 @@ class MetricsLog:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in row.items():
-            if key not in ("step", "kind") and isinstance(value, (int, float)):
+            if key in ("step", "kind"):
+                continue
+            if isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, row["step"])
+            elif isinstance(value, list):  # e.g. tokens per expert: one bar per expert
+                self._tb.add_histogram_raw(
+                    key, min=0, max=len(value), num=len(value), sum=float(sum(value)),
+                    sum_squares=float(sum(v * v for v in value)),
+                    bucket_limits=list(range(1, len(value) + 1)), bucket_counts=value,
+                    global_step=row["step"])
 
     def close(self) -> None:
         self._file.close()
         self._tb.close()
 
 
-def _float_stats(stats: dict[str, Any]) -> dict[str, float]:
-    out = {}
+def _loggable_stats(stats: dict[str, Any]) -> dict[str, float | list[float]]:
+    """Layer statistics as JSON values: scalars as floats, vectors (tokens per expert) as
+    lists, so the report can draw them over training."""
+    out: dict[str, float | list[float]] = {}
     for key, value in stats.items():
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                continue  # per-expert vectors go to dedicated logs, not the scalar log
-            value = value.item()
-        out[key] = float(value)
+            value = value.item() if value.numel() == 1 else value.detach().float().cpu().tolist()
+        out[key] = value if isinstance(value, list) else float(value)
     return out
 
 
@@ -206,6 +214,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
             else:
                 nonfinite = 0
                 optimizer.step()
+                model.after_optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
@@ -231,7 +240,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
                     row["mfu"] = mfu
                 if skipped:
                     row["skipped_nonfinite"] = nonfinite
-                row.update(_float_stats(out.stats))
+                row.update(_loggable_stats(out.stats))
                 metrics.write(row)
                 progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if skipped:

@@ -214,3 +214,16 @@ def test_human_count(value, expected):
 def test_human_si_uses_giga():
     assert human_si(3.1e9) == "3.1G"
     assert human_si(2e15) == "2P"
+
+
+def test_expert_load_heat_map(tmp_path):
+    moe = _run(tmp_path, "moe-run", "moe on odd layers")
+    for i, row in enumerate(moe.metrics):
+        row["layers.1.block.ffn.tokens_per_expert"] = [0.5 - 0.01 * i, 0.5 + 0.01 * i, 0.0, 0.0]
+        row["layers.3.block.ffn.tokens_per_expert"] = [0.25] * 4
+    dense = _run(tmp_path, "dense-run", "dense")
+    md = write_report(tmp_path / "out", "suite", [moe, dense]).read_text()
+    assert "## Expert load" in md and "expert_load_moe-run.png" in md
+    png = (tmp_path / "out" / "expert_load_moe-run.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert not (tmp_path / "out" / "expert_load_dense-run.png").exists()

@@ -112,6 +112,14 @@ class TransformerLM(nn.Module):
                 stats[f"{name}.{key}"] = value
         return LMOutput(logits_BTV, loss, aux, stats)
 
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Let layers update state that lives outside the loss (the aux-loss-free router bias
+        of an MoE). The train loop calls this after every applied update."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+
     # ------------------------------------------------------------------ decoding
 
     def setup_cache(self, batch_size: int, max_len: int | None = None,

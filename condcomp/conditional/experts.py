@@ -1,0 +1,84 @@
+"""The experts of an MoE layer: E feed-forward networks with stacked weights.
+
+Layout (DESIGN.md, the public contract): ``w1`` ``[E, D, H]`` (the gate for SwiGLU),
+``w2`` ``[E, H, D]``, and for gated activations ``w3`` ``[E, D, H]`` (the up projection):
+``y_e = (act(x @ w1[e]) * (x @ w3[e])) @ w2[e]``.
+
+Three ways to run them, one per shape of work:
+
+- :meth:`GroupedExperts.forward_sorted`: tokens sorted by expert, one grouped GEMM per
+  projection (token choice in training and prefill);
+- :meth:`GroupedExperts.forward_gathered`: each routed slot gathers its expert's weights and
+  runs a batched product (decode: a few tokens, so moving k experts' weights beats sorting);
+- :meth:`GroupedExperts.forward_batched`: every expert has the same number of tokens
+  ``[E, C, D]`` (expert choice), a plain batched matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp.kernels.grouped_gemm import grouped_mm
+
+_ACT = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_expert: int,
+                 activation: str = "swiglu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.activation = activation
+        self.gated = activation == "swiglu"
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_expert)) if self.gated else None
+        # Switch (sec. 3.3) uses a higher dropout inside the experts than elsewhere.
+        self.dropout = nn.Dropout(dropout)
+        self.init_weights(0.02, 0.02)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        # Each expert is initialised as the dense MLP would be, so an MoE starts where dense does.
+        nn.init.normal_(self.w1, std=std)
+        if self.w3 is not None:
+            nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=residual_std)
+
+    def _hidden(self, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        h = _ACT[self.activation](gate)
+        if up is not None:
+            h = h * up
+        return self.dropout(h)
+
+    def forward_sorted(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x_MD`` grouped by expert (``offsets_E``: cumulative ends); rows past the
+        last offset come out as zeros."""
+        gate = grouped_mm(x_MD, self.w1, offsets_E)
+        up = grouped_mm(x_MD, self.w3, offsets_E) if self.w3 is not None else None
+        return grouped_mm(self._hidden(gate, up), self.w2, offsets_E)
+
+    def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
+        """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""
+        x_N1D = x_ND.unsqueeze(1)
+        gate = torch.bmm(x_N1D, self.w1[expert_ids_N].to(x_ND.dtype))
+        up = torch.bmm(x_N1D, self.w3[expert_ids_N].to(x_ND.dtype)) if self.w3 is not None else None
+        return torch.bmm(self._hidden(gate, up), self.w2[expert_ids_N].to(x_ND.dtype)).squeeze(1)
+
+    def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Expert e on its own ``C`` tokens, ``x_ECD[e]``."""
+        gate = torch.bmm(x_ECD, self.w1.to(x_ECD.dtype))
+        up = torch.bmm(x_ECD, self.w3.to(x_ECD.dtype)) if self.w3 is not None else None
+        return torch.bmm(self._hidden(gate, up), self.w2.to(x_ECD.dtype))
+
+    def flops_per_expert_token(self) -> float:
+        """Forward FLOPs for one token through one expert."""
+        return 2.0 * self.d_model * self.d_expert * (3 if self.gated else 2)
+
+    def params_per_expert(self) -> int:
+        return self.d_model * self.d_expert * (3 if self.gated else 2)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, "
+                f"d_expert={self.d_expert}, activation={self.activation}")

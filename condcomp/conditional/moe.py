@@ -1,0 +1,341 @@
+"""Mixture of Experts in the FFN slot: ``condcomp.layers.MoE``.
+
+The FFN becomes E experts and a router that sends each token to some of them:
+
+- ``routing = "token_choice"``: each token picks its ``top_k`` most probable experts
+  (Shazeer et al. 2017; top-1 is Switch, Fedus et al. 2021; top-2 is GShard / Mixtral);
+- ``routing = "expert_choice"``: each expert picks its top ``capacity_factor * T / E`` tokens
+  of the batch (Zhou et al. 2022). That looks at the whole batch, future tokens included, so
+  it cannot run while decoding: in eval mode (validation and generation) the layer routes by
+  token choice with the same router and ``k = round(capacity_factor)``, the number of experts
+  a token gets on average in training. Validation loss of expert-choice models is therefore
+  measured on the path that generation uses.
+- fine-grained experts (Krajewski, Jaszczur et al. 2024, "Scaling Laws for Fine-Grained MoE"):
+  ``granularity = G`` and ``expansion = X`` mean X*G experts of width d_ff / G with
+  top_k * G active, so the active FLOPs equal the dense FFN's;
+- shared experts (DeepSeekMoE, Dai et al. 2024): ``num_shared_experts`` always-on experts, one
+  dense ``MLP`` in ``shared_experts``.
+
+Capacity (``capacity_factor``, training only): each expert takes at most
+``factor * T * k / E`` slots; the rest skip the layer (their residual passes through), or, with
+``no_token_left_behind``, try their next choices. Evaluation and decoding are dropless, so a
+token's output never depends on the other tokens in the batch.
+
+Balance: Switch's load-balancing loss, ST-MoE's router z-loss, and the aux-loss-free router
+bias of DeepSeek-V3 (updated after each optimizer step from the loads, outside the loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from condcomp import registry
+from condcomp.conditional import routing
+from condcomp.conditional.experts import GroupedExperts
+from condcomp.config import ModelConfig
+from condcomp.errors import ConfigError
+from condcomp.model.mlp import MLP
+
+ROUTINGS = ("token_choice", "expert_choice")
+# Up to this many routed slots in eval mode, gather the chosen experts' weights (gpt-fast)
+# instead of sorting tokens: decoding moves k experts' weights, not a permutation.
+GATHER_MAX_SLOTS = 16
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: ``x[B, T, D] -> y[B, T, D]``.
+
+    Weights (public contract): ``router.weight`` ``[E, D]`` (bias-free linear), ``experts.w1``
+    ``[E, D, H]``, ``experts.w2`` ``[E, H, D]``, ``experts.w3`` ``[E, D, H]`` for SwiGLU, and
+    ``shared_experts`` (a dense :class:`MLP`) when asked for. After each forward, ``aux_loss``
+    holds the weighted balance losses and ``stats`` the routing statistics.
+    """
+
+    def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int = 1, *,
+                 routing_mode: str = "token_choice", normalize_topk: bool = False,
+                 capacity_factor: float | None = None, no_token_left_behind: bool = False,
+                 num_shared_experts: int = 0, d_shared: int | None = None,
+                 activation: str = "swiglu", load_balance_coef: float = 1e-2,
+                 z_loss_coef: float = 1e-3, bias_update_rate: float = 0.0,
+                 router_init_scale: float = 0.1, expert_dropout: float = 0.0,
+                 router_jitter: float = 0.0) -> None:
+        super().__init__()
+        check_moe_shape(num_experts, top_k, routing_mode, capacity_factor)
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.routing_mode, self.normalize_topk = routing_mode, normalize_topk
+        self.capacity_factor, self.no_token_left_behind = capacity_factor, no_token_left_behind
+        self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
+        self.bias_update_rate = bias_update_rate
+        self.router_init_scale, self.router_jitter = router_init_scale, router_jitter
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = GroupedExperts(num_experts, d_model, d_expert, activation, expert_dropout)
+        self.shared_experts = (MLP(d_model, (d_shared or d_expert) * num_shared_experts, activation)
+                               if num_shared_experts > 0 else None)
+        # Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): a bias used only to choose experts,
+        # nudged after each optimizer step toward under-loaded experts. Saved with the model.
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
+        self.register_buffer("_load_since_update", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        self.stats: dict[str, torch.Tensor | float] = {}
+        self.init_weights(0.02, 0.02)
+
+    # ------------------------------------------------------------------ init and accounting
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        # Switch (sec. 2.4): a 10x smaller init for the router, truncated normal with
+        # std = sqrt(scale / fan_in), keeps early routing close to uniform and stable.
+        router_std = (self.router_init_scale / self.d_model) ** 0.5
+        nn.init.trunc_normal_(self.router.weight, std=router_std, a=-2 * router_std,
+                              b=2 * router_std)
+        self.experts.init_weights(std, residual_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, residual_std)
+
+    @property
+    def experts_per_token(self) -> float:
+        """Routed experts a token goes through on average: k, or the expert-choice factor."""
+        if self.routing_mode == "expert_choice" and self.training:
+            return float(self.capacity_factor)
+        return float(self._eval_top_k())
+
+    def _eval_top_k(self) -> int:
+        if self.routing_mode == "expert_choice":
+            return min(self.num_experts, max(1, round(self.capacity_factor)))
+        return self.top_k
+
+    def flops_per_token(self) -> float:
+        """Router, the experts a token really goes through, and the shared experts."""
+        flops = 2.0 * self.d_model * self.num_experts
+        flops += self.experts_per_token * self.experts.flops_per_expert_token()
+        if self.shared_experts is not None:
+            flops += self.shared_experts.flops_per_token()
+        return flops
+
+    def active_params(self) -> int:
+        active = self.router.weight.numel()
+        active += round(self.experts_per_token * self.experts.params_per_expert())
+        if self.shared_experts is not None:
+            active += sum(p.numel() for p in self.shared_experts.parameters())
+        return active
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x_BTD: torch.Tensor, padding_mask_BT: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``padding_mask_BT`` (True = real token), when given, keeps padding out of the
+        capacity, the balance losses and the statistics."""
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        valid_T = None if padding_mask_BT is None else padding_mask_BT.reshape(B * T).bool()
+        router_in = x_TD
+        if self.training and self.router_jitter > 0:
+            # Switch (sec. 2.4): multiplicative jitter on the router input, U(1-eps, 1+eps).
+            noise = torch.empty_like(x_TD).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
+            router_in = x_TD * noise
+        logits_TE = self.router(router_in)
+        probs_TE = routing.router_probs(logits_TE)
+
+        if self.routing_mode == "expert_choice" and self.training:
+            y_TD, load_E, dropped = self._expert_choice(x_TD, probs_TE, valid_T)
+            balance = probs_TE.new_zeros(())  # balanced by construction
+        else:
+            y_TD, load_E, dropped, balance = self._token_choice(x_TD, probs_TE, valid_T)
+
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        z_loss = routing.router_z_loss(logits_TE, valid_T)
+        self.aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
+        with torch.no_grad():
+            if self.training and self.bias_update_rate > 0:
+                self._load_since_update += load_E
+            real_probs = probs_TE if valid_T is None else probs_TE[valid_T]
+            self.stats = {
+                "tokens_per_expert": load_E / load_E.sum().clamp_min(1.0),
+                "dropped_fraction": dropped,
+                "router_entropy": routing.router_entropy(real_probs),
+                "load_balance_loss": balance.detach(),
+                "z_loss": z_loss.detach(),
+            }
+        return y_TD.view(B, T, D).to(x_BTD.dtype)
+
+    def _token_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
+                      valid_T: torch.Tensor | None):
+        E = self.num_experts
+        k = self.top_k if self.training else self._eval_top_k()
+        bias = self.selection_bias if self.bias_update_rate > 0 else None
+        choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias)
+        balance = routing.load_balance_loss(probs_TE, choice.expert_ids_TK, valid_T)
+        if valid_T is not None:
+            choice.kept_TK &= valid_T.unsqueeze(1)
+            choice.weights_TK = choice.weights_TK * choice.kept_TK
+        if self.training and self.capacity_factor is not None:
+            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
+            capacity = routing.token_capacity(n_real, k, E, self.capacity_factor)
+            choice = routing.apply_capacity(choice, E, capacity, valid_T)
+            if self.no_token_left_behind:
+                choice = routing.reroute_overflow(choice, probs_TE, capacity, valid_T)
+
+        T = x_TD.shape[0]
+        if not self.training and T * k <= GATHER_MAX_SLOTS:
+            out_NK = self.experts.forward_gathered(
+                x_TD.repeat_interleave(k, dim=0), choice.expert_ids_TK.reshape(-1))
+            out_TKD = out_NK.view(T, k, -1)
+        else:
+            out_TKD = self._sorted_dispatch(x_TD, choice)
+        y_TD = (out_TKD * choice.weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
+
+        with torch.no_grad():
+            kept_N = choice.kept_TK.reshape(-1).float()
+            load_E = routing.count_per_expert(choice.expert_ids_TK, E, kept_N)
+            n_slots = choice.kept_TK.numel() if valid_T is None else valid_T.sum() * k
+            dropped = 1.0 - kept_N.sum() / n_slots
+        return y_TD, load_E, dropped, balance
+
+    def _sorted_dispatch(self, x_TD: torch.Tensor, choice: routing.TokenChoice) -> torch.Tensor:
+        """Permute the (token, slot) pairs so each expert's rows are contiguous, run the
+        experts as grouped GEMMs, and un-permute to ``[T, k, D]``. Dropped slots sort to the end
+        (a virtual expert E), outside every group, and come back as zeros."""
+        T, K = choice.expert_ids_TK.shape
+        E = self.num_experts
+        ids_N = torch.where(choice.kept_TK, choice.expert_ids_TK, E).reshape(-1)
+        order_N = torch.argsort(ids_N, stable=True)
+        counts_E = routing.count_per_expert(ids_N, E + 1)[:E]
+        offsets_E = torch.cumsum(counts_E, 0)
+        token_of_N = order_N // K
+        out_ND = self.experts.forward_sorted(x_TD[token_of_N], offsets_E)
+        # Un-permute by writing each row back to its (token, slot) place: a gather by the
+        # inverse permutation, deterministic (no atomics), unlike index_add.
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        return out_ND[inverse_N].view(T, K, -1)
+
+    def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
+                       valid_T: torch.Tensor | None):
+        T, D = x_TD.shape
+        capacity = max(1, int(self.capacity_factor * T / self.num_experts))
+        token_idx_EC, weights_EC = routing.expert_choice(probs_TE, capacity, valid_T)
+        out_ECD = self.experts.forward_batched(x_TD[token_idx_EC])
+        weighted = (out_ECD * weights_EC.unsqueeze(-1).to(out_ECD.dtype)).reshape(-1, D)
+        y_TD = torch.zeros(T, D, dtype=weighted.dtype, device=x_TD.device)
+        y_TD = y_TD.index_add(0, token_idx_EC.reshape(-1), weighted)
+        load_E = torch.full((self.num_experts,), float(token_idx_EC.shape[1]),
+                            device=x_TD.device)
+        # Tokens no expert chose skip the layer: the "dropped" fraction of expert choice.
+        chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
+        chosen_T[token_idx_EC.reshape(-1)] = True
+        real_T = chosen_T if valid_T is None else chosen_T[valid_T]
+        dropped = 1.0 - real_T.float().mean()
+        return y_TD, load_E, dropped
+
+    # ------------------------------------------------------------------ outside the loss
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Aux-loss-free balancing: b_i += rate * sign(mean load - load_i) (DeepSeek-V3)."""
+        if self.bias_update_rate <= 0:
+            return
+        load_E = self._load_since_update
+        if load_E.sum() > 0:
+            self.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"routing={self.routing_mode}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}")
+
+
+def check_moe_shape(num_experts: int, top_k: int, routing_mode: str,
+                    capacity_factor: float | None, key: str = "MoE") -> None:
+    if num_experts < 1:
+        raise ConfigError(f"{key}.num_experts = {num_experts} must be at least 1")
+    if routing_mode not in ROUTINGS:
+        raise ConfigError(f"{key}.routing = {routing_mode!r} is unknown; use one of {ROUTINGS}")
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"{key}.top_k = {top_k} must be between 1 and num_experts = "
+                          f"{num_experts}; a token picks k distinct experts")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ConfigError(f"{key}.capacity_factor = {capacity_factor} must be positive (omit it "
+                          "for dropless routing)")
+    if routing_mode == "expert_choice" and capacity_factor is None:
+        raise ConfigError(f"{key}: expert choice needs capacity_factor (Zhou et al. use 2.0): "
+                          "each expert takes capacity_factor * tokens / num_experts tokens")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class MoEOptions:
+    """``[model.ffn]`` keys of ``kind = "moe"``."""
+
+    num_experts: int = 8
+    top_k: int = 1
+    d_expert: int = 0  # 0: model.d_ff (each expert as wide as the dense FFN, as in Switch)
+    routing: str = "token_choice"  # token_choice | expert_choice
+    normalize_topk: bool = False
+    capacity_factor: float | None = None  # None: dropless
+    no_token_left_behind: bool = False
+    granularity: int = 0  # >0: fine-grained sugar (see below)
+    expansion: int = 0  # with granularity: num_experts = expansion * granularity
+    num_shared_experts: int = 0
+    d_shared: int = 0  # width of each shared expert; 0: d_expert
+    load_balance_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    bias_update_rate: float = 0.0  # >0: aux-loss-free balancing (DeepSeek-V3 uses 1e-3)
+    router_init_scale: float = 0.1
+    expert_dropout: float = 0.0
+    router_jitter: float = 0.0
+
+    def resolved(self, cfg: ModelConfig) -> MoEOptions:
+        """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
+        G-times more of them, G-times more chosen, so active FLOPs match the dense FFN."""
+        if self.granularity <= 0:
+            return self
+        import dataclasses
+
+        G = self.granularity
+        return dataclasses.replace(
+            self, num_experts=self.expansion * G, d_expert=cfg.ffn_hidden // G,
+            top_k=self.top_k * G, granularity=0, expansion=0)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if self.granularity < 0 or self.expansion < 0:
+            raise ConfigError("model.ffn.granularity and model.ffn.expansion must not be negative")
+        if self.granularity > 0:
+            if self.expansion < 1:
+                raise ConfigError("model.ffn.granularity needs model.ffn.expansion (total experts "
+                                  "= expansion * granularity), e.g. expansion = 8")
+            if cfg.ffn_hidden % self.granularity:
+                raise ConfigError(f"model.ffn.granularity = {self.granularity} does not divide "
+                                  f"model.d_ff = {cfg.ffn_hidden}")
+        opts = self.resolved(cfg)
+        check_moe_shape(opts.num_experts, opts.top_k, opts.routing, opts.capacity_factor,
+                        "model.ffn")
+        for key in ("d_expert", "num_shared_experts", "d_shared", "load_balance_coef",
+                    "z_loss_coef", "bias_update_rate", "router_jitter"):
+            if getattr(opts, key) < 0:
+                raise ConfigError(f"model.ffn.{key} = {getattr(opts, key)} must not be negative")
+        if not 0 <= opts.expert_dropout < 1:
+            raise ConfigError(f"model.ffn.expert_dropout = {opts.expert_dropout} must be in [0, 1)")
+        if opts.router_init_scale <= 0:
+            raise ConfigError("model.ffn.router_init_scale must be positive")
+
+
+def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
+    o = options.resolved(cfg)
+    d_expert = o.d_expert or cfg.ffn_hidden
+    return MoE(cfg.d_model, d_expert, o.num_experts, o.top_k, routing_mode=o.routing,
+               normalize_topk=o.normalize_topk, capacity_factor=o.capacity_factor,
+               no_token_left_behind=o.no_token_left_behind,
+               num_shared_experts=o.num_shared_experts, d_shared=o.d_shared or None,
+               activation=cfg.activation, load_balance_coef=o.load_balance_coef,
+               z_loss_coef=o.z_loss_coef, bias_update_rate=o.bias_update_rate,
+               router_init_scale=o.router_init_scale, expert_dropout=o.expert_dropout,
+               router_jitter=o.router_jitter)
+
+
+registry.register(registry.Family("moe", "ffn", MoEOptions, _build, "mixture of experts"))

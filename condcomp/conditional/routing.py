@@ -1,0 +1,197 @@
+"""Routing for Mixture of Experts: who goes where, with what weight, and what it costs.
+
+Token choice (Shazeer et al. 2017; k = 1 is Switch, Fedus et al. 2021): each token picks its k
+most probable experts. Expert choice (Zhou et al. 2022): each expert picks its top-C tokens.
+Capacity (GShard, Lepikhin et al. 2021; Switch sec. 2.2) bounds the tokens per expert;
+no-token-left-behind (Switch, app. / "No Token Left Behind") re-routes overflow to the next
+choice with room. The balance losses are Switch's (eq. 4) and ST-MoE's router z-loss
+(Zoph et al. 2022, eq. 5).
+
+Everything here works on flattened tokens: ``T`` is the number of tokens in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenChoice:
+    """A token-choice assignment: ``k`` slots per token.
+
+    ``expert_ids_TK`` are distinct per token; ``weights_TK`` the combine weights (float32),
+    zero where ``kept_TK`` is False (the slot was over capacity and the token skips it).
+    """
+
+    expert_ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor
+
+
+def router_probs(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32, whatever the autocast dtype: Switch's "selective precision"
+    (sec. 2.4), since bf16 rounding in the exponent makes routing unstable."""
+    return torch.softmax(logits_TE.float(), dim=-1)
+
+
+def token_choice(probs_TE: torch.Tensor, top_k: int, normalize_topk: bool = False,
+                 selection_bias_E: torch.Tensor | None = None) -> TokenChoice:
+    """Each token's ``top_k`` most probable distinct experts.
+
+    ``selection_bias_E`` (aux-loss-free balancing, DeepSeek-V3 sec. 2.1.2) shifts which
+    experts are *chosen* but not the combine weights, which stay the router's probabilities
+    (renormalised over the chosen k when ``normalize_topk``, as in Mixtral).
+    """
+    scores_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
+    expert_ids_TK = torch.topk(scores_TE, top_k, dim=-1, sorted=True).indices
+    weights_TK = probs_TE.gather(1, expert_ids_TK)
+    if normalize_topk:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    kept_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+    return TokenChoice(expert_ids_TK, weights_TK, kept_TK)
+
+
+def token_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Switch eq. 3, for k slots per token: factor * tokens * k / experts (at least 1)."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def count_per_expert(expert_ids_N: torch.Tensor, num_experts: int,
+                     weights_N: torch.Tensor | None = None) -> torch.Tensor:
+    """How many entries (or how much weight) went to each expert, ``[E]``.
+
+    A scatter-add into a fixed-size buffer rather than ``bincount``, whose output size depends
+    on the data: that keeps shapes static for ``torch.compile`` and needs no host sync.
+    """
+    ids_N = expert_ids_N.reshape(-1)
+    if weights_N is None:
+        counts = torch.zeros(num_experts, dtype=torch.long, device=ids_N.device)
+        return counts.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    counts = torch.zeros(num_experts, dtype=weights_N.dtype, device=ids_N.device)
+    return counts.scatter_add_(0, ids_N, weights_N.reshape(-1))
+
+
+def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """For each entry, how many earlier entries chose the same expert (0 for the first).
+
+    A stable sort by expert keeps the original order within each expert, so the rank is the
+    position in the sorted run minus the run's start. O(N log N), no [N, E] one-hot.
+    """
+    order_N = torch.argsort(expert_ids_N, stable=True)
+    counts_E = count_per_expert(expert_ids_N, num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_ids_N = expert_ids_N[order_N]
+    rank_sorted_N = torch.arange(expert_ids_N.numel(), device=expert_ids_N.device) - starts_E[
+        sorted_ids_N]
+    rank_N = torch.empty_like(rank_sorted_N)
+    rank_N[order_N] = rank_sorted_N
+    return rank_N
+
+
+def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int,
+                   valid_T: torch.Tensor | None = None) -> TokenChoice:
+    """Drop the slots past each expert's capacity.
+
+    Priority follows GShard: every token's first choice is served before any second choice,
+    and within a choice, earlier tokens first. Dropped slots get weight 0; a token whose every
+    slot is dropped passes through on the residual. Padding tokens (``valid_T`` False) never
+    take capacity.
+    """
+    T, K = choice.expert_ids_TK.shape
+    ids_KT = choice.expert_ids_TK.t()
+    kept_KT = choice.kept_TK.t()
+    if valid_T is not None:
+        kept_KT = kept_KT & valid_T.unsqueeze(0)
+    # Entries not kept are sent to a virtual expert E so they take no capacity.
+    ids_N = torch.where(kept_KT, ids_KT, num_experts).reshape(-1)
+    rank_N = rank_within_expert(ids_N, num_experts + 1)
+    kept_TK = (kept_KT.reshape(-1) & (rank_N < capacity)).view(K, T).t()
+    return TokenChoice(choice.expert_ids_TK, choice.weights_TK * kept_TK, kept_TK)
+
+
+def reroute_overflow(choice: TokenChoice, probs_TE: torch.Tensor, capacity: int,
+                     valid_T: torch.Tensor | None = None) -> TokenChoice:
+    """No-token-left-behind (Switch Transformer, app. "No Token Left Behind"): a slot dropped
+    for lack of capacity is offered, round by round, to the token's next most probable expert
+    that it has not tried and that still has room. Its weight becomes that expert's probability.
+    Runs at most E - k rounds; each round serves at most one dropped slot per token.
+    """
+    ids_TK, weights_TK, kept_TK = (choice.expert_ids_TK.clone(), choice.weights_TK.clone(),
+                                   choice.kept_TK.clone())
+    T, K = ids_TK.shape
+    E = probs_TE.shape[1]
+    valid_T = torch.ones(T, dtype=torch.bool, device=ids_TK.device) if valid_T is None else valid_T
+    tried_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, ids_TK, True)
+    load_E = count_per_expert(ids_TK, E, kept_TK.long())
+    for _ in range(E - K):
+        dropped_TK = ~kept_TK & valid_T.unsqueeze(1)
+        if not bool(dropped_TK.any()):  # host sync: no-token-left-behind is a training option
+            break
+        has_drop_T = dropped_TK.any(dim=1)
+        slot_T = dropped_TK.float().argmax(dim=1)  # the first dropped slot of each token
+        candidate_T = probs_TE.masked_fill(tried_TE, -1.0).argmax(dim=1)
+        untried_T = ~tried_TE.all(dim=1)
+        asking_T = has_drop_T & untried_T
+        if not bool(asking_T.any()):
+            break
+        asked_N = torch.where(asking_T, candidate_T, E)
+        rank_T = rank_within_expert(asked_N, E + 1)
+        room_E = (capacity - load_E).clamp_min(0)
+        granted_T = asking_T & (rank_T < room_E[candidate_T.clamp_max(E - 1)])
+        rows = granted_T.nonzero(as_tuple=True)[0]
+        cols = slot_T[rows]
+        ids_TK[rows, cols] = candidate_T[rows]
+        weights_TK[rows, cols] = probs_TE[rows, candidate_T[rows]]
+        kept_TK[rows, cols] = True
+        tried_TE[asking_T, candidate_T[asking_T]] = True
+        load_E += count_per_expert(candidate_T[rows], E)
+    return TokenChoice(ids_TK, weights_TK, kept_TK)
+
+
+def expert_choice(probs_TE: torch.Tensor, capacity: int, valid_T: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert takes its ``capacity`` highest-scoring tokens of the batch (Zhou et al.
+    2022, eq. 1: I = TopK(S^T, k)). Returns ``token_idx_EC`` and the gating ``weights_EC``.
+    Padding tokens are never chosen."""
+    scores_ET = probs_TE.t()
+    if valid_T is not None:
+        scores_ET = scores_ET.masked_fill(~valid_T.unsqueeze(0), -1.0)
+    capacity = min(capacity, probs_TE.shape[0])
+    weights_EC, token_idx_EC = torch.topk(scores_ET, capacity, dim=1)
+    return token_idx_EC, weights_EC.clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                      valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch eq. 4: E * sum_i f_i * P_i, where f_i is the fraction of routing slots that chose
+    expert i (before capacity) and P_i the mean router probability of expert i. It is 1 when
+    routing is uniform, whatever k is. Padding tokens do not count."""
+    E = probs_TE.shape[1]
+    if valid_T is not None:
+        probs_TE = probs_TE[valid_T]
+        expert_ids_TK = expert_ids_TK[valid_T]
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    f_E = count_per_expert(expert_ids_TK, E).to(probs_TE.dtype) / expert_ids_TK.numel()
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE eq. 5: mean over tokens of logsumexp(logits)^2, which keeps router logits small
+    (large logits make the float32 softmax's rounding errors matter)."""
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    if valid_T is not None:
+        z_T = z_T[valid_T]
+    return (z_T ** 2).mean() if z_T.numel() else z_T.new_zeros(())
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the routing distribution, in nats (log E when uniform)."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1).mean()

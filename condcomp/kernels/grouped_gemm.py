@@ -1,0 +1,56 @@
+"""Grouped GEMM: one matrix product per expert over a token buffer sorted by expert.
+
+``x_MK`` holds the rows of every expert back to back; ``offsets_E[e]`` is the end row of expert
+``e`` (a cumulative sum of the per-expert counts, as ``torch._grouped_mm`` takes it); rows past
+``offsets_E[-1]`` belong to no expert (dropped tokens) and come out as zeros.
+
+:func:`grouped_mm` is the one place the MoE layer calls. On CUDA with bf16-friendly shapes it
+runs ``torch._grouped_mm`` (one kernel for all experts, no host sync); elsewhere it runs
+:func:`grouped_mm_reference`, a plain loop over experts. A faster kernel drops in here, and the
+tests hold every path to the reference, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Row strides of the operands must be 16-byte aligned for the CUTLASS grouped kernels.
+_ALIGN_ELEMS = 8
+
+
+def grouped_mm_reference(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor
+                         ) -> torch.Tensor:
+    """Plain PyTorch: ``out[rows of e] = x[rows of e] @ w[e]`` for each expert, in a loop."""
+    out = x_MK.new_zeros(x_MK.shape[0], w_EKN.shape[-1])
+    ends = offsets_E.tolist()  # a host sync: the reference path is for the CPU and for tests
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            out[start:end] = x_MK[start:end] @ w_EKN[e].to(x_MK.dtype)
+        start = end
+    return out
+
+
+def _fast_path_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    grouped = getattr(torch, "_grouped_mm", None)
+    return (grouped is not None and x_MK.is_cuda
+            and torch.cuda.get_device_capability(x_MK.device)[0] >= 9
+            and x_MK.shape[1] % _ALIGN_ELEMS == 0 and w_EKN.shape[-1] % _ALIGN_ELEMS == 0)
+
+
+def grouped_mm_fast(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor
+                    ) -> torch.Tensor:
+    """``torch._grouped_mm`` in bf16 (Hopper and newer): all experts in one kernel."""
+    out = torch._grouped_mm(x_MK.to(torch.bfloat16), w_EKN.to(torch.bfloat16),
+                            offs=offsets_E.to(torch.int32))
+    # Rows past the last offset are left unwritten by the kernel (dropped tokens): zero them
+    # with a select, not a multiply, since unwritten memory may hold NaNs.
+    valid_M1 = (torch.arange(x_MK.shape[0], device=x_MK.device) < offsets_E[-1]).unsqueeze(1)
+    return torch.where(valid_M1, out, out.new_zeros(()))
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """The grouped product, by the fastest path available for these tensors."""
+    if _fast_path_supported(x_MK, w_EKN):
+        return grouped_mm_fast(x_MK, w_EKN, offsets_E)
+    return grouped_mm_reference(x_MK, w_EKN, offsets_E)
