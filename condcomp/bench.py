@@ -230,8 +230,11 @@ class TrainResult:
 
 @dataclass
 class DecodeResult:
-    tokens_per_s: float  # median over the timed generations
+    tokens_per_s: float  # (new tokens - 1) / (last - first new token), median over generations
     tokens_per_s_runs: list[float]
+    # 1 / the median time between two new tokens: the speed without one-off slow steps
+    # (recompilation, CUDA-graph re-recording); far above tokens_per_s means there were some.
+    steady_tokens_per_s: float
     new_tokens: int
     tokens: list[int]  # the greedy tokens of the last timed generation
 
@@ -432,6 +435,11 @@ def _tokens_per_s(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def _steady_tokens_per_s(stamps: list[float]) -> float:
+    """1 / the median gap between consecutive new tokens."""
+    return 1.0 / statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 Runner = Callable[[], tuple[list[int], list[float]]]  # one generation: (tokens, stamps)
 
 
@@ -511,6 +519,7 @@ def bench_decode(models: dict[str, torch.nn.Module], prompt: list[int], plan: Pl
     for runner in runners.values():
         runner()
     runs: dict[str, list[float]] = {name: [] for name in runners}
+    steady: dict[str, list[float]] = {name: [] for name in runners}
     tokens: dict[str, list[int]] = {}
     for _ in range(plan.decode_repeats):
         for name, runner in runners.items():
@@ -519,11 +528,18 @@ def bench_decode(models: dict[str, torch.nn.Module], prompt: list[int], plan: Pl
                 raise RuntimeError(f"{LABELS[name]} generated {len(tokens[name])} tokens, not "
                                    f"{plan.decode_tokens}")
             runs[name].append(_tokens_per_s(stamps))
-    results = {name: DecodeResult(statistics.median(r), r, plan.decode_tokens, tokens[name])
-               for name, r in runs.items()}
+            steady[name].append(_steady_tokens_per_s(stamps))
+    results = {name: DecodeResult(statistics.median(runs[name]), runs[name],
+                                  statistics.median(steady[name]), plan.decode_tokens,
+                                  tokens[name]) for name in runners}
     for name, r in results.items():
         log(f"  {LABELS[name]}: {r.tokens_per_s:,.1f} tokens/s "
-            f"(runs: {', '.join(f'{x:,.1f}' for x in r.tokens_per_s_runs)})")
+            f"(runs: {', '.join(f'{x:,.1f}' for x in r.tokens_per_s_runs)}; "
+            f"steady {r.steady_tokens_per_s:,.1f})")
+        if r.steady_tokens_per_s > 1.25 * r.tokens_per_s:
+            log(f"  warning: {LABELS[name]} had slow one-off steps inside the timed decode "
+                "(recompilation? CUDA-graph re-recording?): steady speed is "
+                f"{r.steady_tokens_per_s / r.tokens_per_s:.2f}x the end-to-end one")
     return results
 
 
@@ -564,7 +580,7 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append([
             m["label"], _si(m["params"]), _si(m["active_params"]), _si(m["flops_per_token"]),
             f"{t['tokens_per_s']:,.0f}" if t else "-",
-            f"{t['tflops']:.3f}" if t else "-",
+            f"{t['tflops']:.3g}" if t else "-",
             f"{t['mfu']:.1%}" if t and t["mfu"] is not None else "-",
             f"{t['peak_mem_gb']:.2f} GB" if t and t["peak_mem_gb"] is not None else "-",
             f"{d['tokens_per_s']:,.1f}" if d else "-",

@@ -46,7 +46,7 @@ def test_bench_against_hf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
         assert m["train"]["tokens_per_s"] > 0 and m["train"]["tflops"] > 0
         assert m["train"]["mfu"] is None  # the CPU has no known peak
         assert len(m["train"]["step_s"]) == 2
-        assert m["decode"]["tokens_per_s"] > 0
+        assert m["decode"]["tokens_per_s"] > 0 and m["decode"]["steady_tokens_per_s"] > 0
         assert len(m["decode"]["tokens_per_s_runs"]) == 2
     # Same shape, same weights: same size, same loss, same greedy tokens.
     assert models["ours"]["params"] == models["hf"]["params"]
