@@ -60,6 +60,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from condcomp.data import StreamDecoder
     from condcomp.generate import Sampling, generate
     from condcomp.runs import load_run
@@ -75,8 +77,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(stream.push(token_id))
         sys.stdout.flush()
 
+    decode_step = None
+    if args.compile:
+        from condcomp.generate import decode_one_token
+
+        decode_step = torch.compile(decode_one_token, fullgraph=True)
     generate(run.model, prompt_ids, args.max_new_tokens, sampling, on_token=emit, seed=args.seed,
-             stop_id=run.tokenizer.eos_id)
+             stop_id=run.tokenizer.eos_id, decode_step=decode_step)
     sys.stdout.write(stream.flush() + "\n")
     return 0
 
@@ -90,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from condcomp import __version__, bench
+    from condcomp import __version__, bench, bench_moe
 
     parser = argparse.ArgumentParser(
         prog="condcomp", description="Conditional computation for transformer language models.")
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (pays off after a few hundred tokens)")
     p.add_argument("--checkpoint")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     bench.add_parser(sub)
+    bench_moe.add_parser(sub)
     return parser
 
 

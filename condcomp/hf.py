@@ -1,4 +1,6 @@
-"""Weight conversion between condcomp's dense transformer and HF ``LlamaForCausalLM``.
+"""Weight conversion between condcomp and HF transformers: the dense transformer and
+``LlamaForCausalLM``, and the MoE layer and Mixtral's ``MixtralSparseMoeBlock``
+(:func:`to_hf_mixtral_block`).
 
 A dense condcomp model (SwiGLU MLP, dense Q/K/V, every token in every block, a width-D
 residual stream) is exactly the LLaMA architecture (Touvron et al. 2023): pre-norm RMSNorm
@@ -44,10 +46,11 @@ from condcomp.errors import CondcompError, ConfigError
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from condcomp.conditional.moe import MoE
     from condcomp.model import TransformerLM
 
-__all__ = ["MissingDependencyError", "from_hf_llama", "hf_llama_config", "require_transformers",
-           "to_hf_llama"]
+__all__ = ["MissingDependencyError", "from_hf_llama", "hf_experts_implementations",
+           "hf_llama_config", "require_transformers", "to_hf_llama", "to_hf_mixtral_block"]
 
 
 class MissingDependencyError(CondcompError, ImportError):
@@ -299,3 +302,58 @@ def from_hf_llama(hf_model: LlamaForCausalLM) -> TransformerLM:
     _copy_state(hf_model.state_dict(), dst, pairs)
     model.train(hf_model.training)
     return model
+
+
+# ----------------------------------------------------------------------------- Mixtral MoE
+
+
+def to_hf_mixtral_block(moe: MoE, experts_implementation: str = "eager") -> Any:
+    """An HF ``MixtralSparseMoeBlock`` with the weights of ``moe`` (the peer of
+    ``condcomp bench-moe`` and of the equivalence test).
+
+    Mixtral routes by token choice over a bias-free router, renormalises the top-k weights and
+    runs SwiGLU experts, so only an MoE with those choices, dropless and without shared
+    experts, has an HF twin. Weights: ``gate.weight`` = ``router.weight``;
+    ``experts.gate_up_proj[e]`` = ``[w1[e]^T; w3[e]^T]`` (``[2H, D]``, gate first);
+    ``experts.down_proj[e]`` = ``w2[e]^T``.
+    """
+    transformers = require_transformers()
+    problems = []
+    if moe.routing_mode != "token_choice":
+        problems.append("expert-choice routing")
+    if not moe.normalize_topk:
+        problems.append("normalize_topk = false (Mixtral renormalises over the top k)")
+    if moe.capacity_factor is not None:
+        problems.append("a capacity factor (Mixtral is dropless)")
+    if moe.shared_experts is not None:
+        problems.append("shared experts")
+    if moe.experts.activation != "swiglu":
+        problems.append(f"{moe.experts.activation} experts")
+    if moe.bias_update_rate > 0:
+        problems.append("an aux-loss-free selection bias")
+    if problems:
+        raise ConfigError("HF Mixtral has no equivalent of this MoE: " + ", ".join(problems))
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    hf_cfg = transformers.MixtralConfig(
+        hidden_size=moe.d_model, intermediate_size=moe.experts.d_expert,
+        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+        hidden_act="silu", router_jitter_noise=0.0)
+    hf_cfg._experts_implementation = experts_implementation
+    ref = moe.router.weight
+    block = MixtralSparseMoeBlock(hf_cfg).to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        gate_up = torch.cat((moe.experts.w1, moe.experts.w3), dim=2).transpose(1, 2)
+        block.experts.gate_up_proj.copy_(gate_up)
+        block.experts.down_proj.copy_(moe.experts.w2.transpose(1, 2))
+    block.train(moe.training)
+    return block
+
+
+def hf_experts_implementations() -> list[str]:
+    """The expert kernels this transformers version offers for Mixtral ("eager" first)."""
+    require_transformers()
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager", *sorted(ALL_EXPERTS_FUNCTIONS.keys())]

@@ -87,3 +87,26 @@ def test_non_llama_model_needs_peer_none(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="--peer none"):
         run(parse([*TINY, "--peer", "hf", "--set", "model.activation=gelu"]))
+
+
+def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
+    from condcomp.cli import main
+
+    out = tmp_path / "moe.json"
+    assert main(["bench-moe", "--d-model", "32", "--d-ff", "64", "--tokens", "256",
+                 "--experts", "4:1,8:2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    layers = {(r["layer"], r["E:k"]) for r in result["rows"]}
+    assert ("dense SwiGLU FFN", "-") in layers
+    assert ("condcomp MoE", "4:1") in layers and ("condcomp MoE", "8:2") in layers
+    assert ("HF Mixtral [eager]", "8:2") in layers
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert "| condcomp MoE | 8:2 |" in capsys.readouterr().out
+
+
+def test_bench_moe_rejects_bad_expert_lists(capsys):
+    from condcomp.cli import main
+
+    assert main(["bench-moe", "--experts", "8-1", "--device", "cpu"]) == 2
+    assert "write E:k pairs" in capsys.readouterr().err

@@ -132,3 +132,38 @@ def test_rope_scaling_is_refused() -> None:
                                    rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ConfigError, match="RoPE scaling"):
         from_hf_llama(transformers.LlamaForCausalLM(cfg))
+
+
+# --------------------------------------------------------------- Mixtral's MoE block
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_equals_hf_mixtral_block_forward_and_backward(top_k):
+    from condcomp.hf import hf_experts_implementations, to_hf_mixtral_block
+    from condcomp.layers import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(32, 48, num_experts=4, top_k=top_k, normalize_topk=True, load_balance_coef=0.0,
+              z_loss_coef=0.0).train()
+    x = torch.randn(2, 6, 32)
+    y = moe(x)
+    y.square().sum().backward()
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        if impl not in hf_experts_implementations():
+            continue
+        hf = to_hf_mixtral_block(moe, impl).train()
+        y_hf = hf(x)
+        y_hf.square().sum().backward()
+        torch.testing.assert_close(y_hf, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf.gate.weight.grad, moe.router.weight.grad, atol=1e-5,
+                                   rtol=1e-4)
+        torch.testing.assert_close(hf.experts.down_proj.grad, moe.experts.w2.grad.transpose(1, 2),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_moe_without_an_hf_twin_is_refused():
+    from condcomp.hf import to_hf_mixtral_block
+    from condcomp.layers import MoE
+
+    with pytest.raises(ConfigError, match="normalize_topk = false.*shared experts"):
+        to_hf_mixtral_block(MoE(16, 32, 4, 1, num_shared_experts=1))

@@ -36,7 +36,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_expert)) if self.gated else None
         # Switch (sec. 3.3) uses a higher dropout inside the experts than elsewhere.
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.init_weights(0.02, 0.02)
 
     def init_weights(self, std: float, residual_std: float) -> None:
@@ -50,7 +50,7 @@ class GroupedExperts(nn.Module):
         h = _ACT[self.activation](gate)
         if up is not None:
             h = h * up
-        return self.dropout(h)
+        return self.dropout(h) if self.dropout is not None else h
 
     def forward_sorted(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Rows of ``x_MD`` grouped by expert (``offsets_E``: cumulative ends); rows past the

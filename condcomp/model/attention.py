@@ -57,14 +57,15 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD)
-        q = apply_rope(q, positions).transpose(1, 2)  # [B, H, T, d]
-        k = apply_rope(k, positions).transpose(1, 2)
+        # One rotation for queries and keys together: half the small ops of a decode step.
+        qk = apply_rope(torch.cat((q, k), dim=2), positions).transpose(1, 2)  # [B, H+Hkv, T, d]
+        q, k = qk.split((self.n_heads, self.kv_heads), dim=1)
         v = v.transpose(1, 2)
         gqa = self.kv_heads != self.n_heads
         if self.kv_cache is not None:
             if positions.pos_BT is None:
                 raise RuntimeError("decoding with a KV cache needs explicit input positions")
-            k_all, v_all, mask = self.kv_cache.update(positions.pos_BT, k, v)
+            k_all, v_all, mask = self.kv_cache.update(positions, k, v)
             y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
                                                attn_mask=mask, enable_gqa=gqa)
         else:

@@ -26,13 +26,18 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = registry.build("ffn", cfg, layer_idx)
-        self.dropout = nn.Dropout(cfg.dropout)
+        # No module at p = 0: a no-op call per sublayer is measurable when decoding one token.
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
         """The residual update of this block: ``a + f`` where ``a = attn(norm(x))`` and
         ``f = ffn(norm(x + a))``, so that ``x + update`` is the usual pre-norm block."""
-        a = self.dropout(self.attn(self.attn_norm(x_BTD), positions))
-        f = self.dropout(self.ffn(self.ffn_norm(x_BTD + a)))
+        a = self.attn(self.attn_norm(x_BTD), positions)
+        if self.dropout is not None:
+            a = self.dropout(a)
+        f = self.ffn(self.ffn_norm(x_BTD + a))
+        if self.dropout is not None:
+            f = self.dropout(f)
         return a + f
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from condcomp.model.rope import Positions
+
 
 class KVCache(nn.Module):
     def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
@@ -22,24 +24,31 @@ class KVCache(nn.Module):
                              persistent=False)
         self.register_buffer("filled_BL", torch.zeros(batch_size, max_len, dtype=torch.bool,
                                                       device=device), persistent=False)
-        self.register_buffer("slot_L", torch.arange(max_len, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.k_BHLd.shape[2]
 
-    def update(self, pos_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+    def update(self, positions: Positions, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the new keys/values at their positions; return the whole cache and the
         attention mask ``[B, 1, T, L]`` (a slot is visible if filled and not in the future)."""
-        B, T = k_BHTd.shape[0], k_BHTd.shape[2]
-        pos_BT = pos_BT.expand(B, T)  # positions shared by the batch arrive as [1, T]
-        batch_BT = torch.arange(B, device=pos_BT.device).unsqueeze(1).expand(B, T)
-        # Advanced indices in dims 0 and 2 put [B, T] first: the values are [B, T, H, d].
-        self.k_BHLd[batch_BT, :, pos_BT] = k_BHTd.transpose(1, 2).to(self.k_BHLd.dtype)
-        self.v_BHLd[batch_BT, :, pos_BT] = v_BHTd.transpose(1, 2).to(self.v_BHLd.dtype)
-        self.filled_BL[batch_BT, pos_BT] = True
-        visible_BTL = self.filled_BL.unsqueeze(1) & (self.slot_L <= pos_BT.unsqueeze(-1))
+        pos_BT = positions.pos_BT
+        if pos_BT.shape[0] == 1:
+            # Every sequence writes the same positions (plain decoding): one index_copy_.
+            pos_T = pos_BT[0]
+            self.k_BHLd.index_copy_(2, pos_T, k_BHTd.to(self.k_BHLd.dtype))
+            self.v_BHLd.index_copy_(2, pos_T, v_BHTd.to(self.v_BHLd.dtype))
+            self.filled_BL.index_fill_(1, pos_T, True)
+        else:
+            # Per-sequence positions (a wrapper that routes tokens): advanced indexing in dims
+            # 0 and 2 puts [B, T] first, so the values are [B, T, H, d].
+            B, T = pos_BT.shape
+            batch_BT = torch.arange(B, device=pos_BT.device).unsqueeze(1).expand(B, T)
+            self.k_BHLd[batch_BT, :, pos_BT] = k_BHTd.transpose(1, 2).to(self.k_BHLd.dtype)
+            self.v_BHLd[batch_BT, :, pos_BT] = v_BHTd.transpose(1, 2).to(self.v_BHLd.dtype)
+            self.filled_BL[batch_BT, pos_BT] = True
+        visible_BTL = self.filled_BL.unsqueeze(1) & positions.causal_mask(self.max_len)
         return self.k_BHLd, self.v_BHLd, visible_BTL.unsqueeze(1)
 
     def reset(self) -> None:

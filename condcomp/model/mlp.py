@@ -37,7 +37,7 @@ class MLP(nn.Module):
         self.w1 = nn.Parameter(torch.empty(d_model, d_hidden))
         self.w2 = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(d_model, d_hidden)) if self.gated else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # on the hidden units
         # A buffer, so the zero follows the module to its device (no aux loss for dense).
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
@@ -47,7 +47,9 @@ class MLP(nn.Module):
         h = _ACT[self.activation](x_BTD @ self.w1)
         if self.w3 is not None:
             h = h * (x_BTD @ self.w3)
-        return self.dropout(h) @ self.w2
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return h @ self.w2
 
     def init_weights(self, std: float, residual_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -76,7 +78,8 @@ class MLPOptions:
 
 
 def _build(options: MLPOptions, cfg: ModelConfig, layer_idx: int | None) -> MLP:
-    return MLP(cfg.d_model, options.d_ff or cfg.ffn_hidden, cfg.activation, cfg.dropout)
+    # model.dropout applies to the block's residual updates (Block), not again inside the MLP.
+    return MLP(cfg.d_model, options.d_ff or cfg.ffn_hidden, cfg.activation)
 
 
 registry.register(registry.Family("mlp", "ffn", MLPOptions, _build, "dense MLP"))

@@ -6,7 +6,7 @@ adjacent channels), so that weights move to and from HF ``LlamaForCausalLM`` unc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,15 @@ class Positions:
     pos_BT: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
+    _causal: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def causal_mask(self, max_len: int) -> torch.Tensor:
+        """``[B or 1, T, max_len]``: which cache slots each token may see (slot <= position).
+        Computed once per forward and shared by every layer's KV cache."""
+        if max_len not in self._causal:
+            slots = torch.arange(max_len, device=self.cos.device)
+            self._causal[max_len] = slots <= self.pos_BT.unsqueeze(-1)
+        return self._causal[max_len]
 
     def select(self, idx_BK: torch.Tensor) -> Positions:
         """The positions of the tokens ``idx_BK`` (indices into T, per sequence)."""

@@ -1,0 +1,176 @@
+"""``condcomp bench-moe``: MoE layer forward+backward throughput, side by side in one process
+with (a) the dense SwiGLU FFN of equal active FLOPs and (b) HF Mixtral's MoE block holding
+the same weights, in each expert kernel HF offers.
+
+For each ``E:k`` configuration the MoE has E experts of width ``d_ff / k`` and routes each
+token to k of them (dropless, renormalised top-k, as Mixtral), so a token's expert FLOPs equal
+the dense FFN's ``d_ff``: the fraction ``MoE tokens/s / dense tokens/s`` is what routing and
+permutation cost. Timing is the median of ``--steps`` forward+backward passes (the output's
+gradient is a fixed random tensor) after ``--warmup`` untimed ones, synchronised on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from condcomp.errors import ConfigError
+from condcomp.layers import MLP, MoE
+from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench-moe", help="MoE layer throughput vs the equal-FLOP dense FFN and HF Mixtral",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-model", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
+    p.add_argument("--d-ff", type=int, default=None,
+                   help="dense FFN width (SwiGLU); default: 8/3 d_model rounded to 64")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per batch; default: 65536 on CUDA, 4096 on CPU")
+    p.add_argument("--experts", default="8:1,64:8",
+                   help="comma list of E:k (experts : experts per token), e.g. 8:1,64:8")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile every layer")
+    p.add_argument("--peer", choices=["hf", "none"], default=None,
+                   help="HF Mixtral's MoE block (default: hf if transformers is installed)")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_experts(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            e, k = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ConfigError(f"--experts {text!r}: write E:k pairs, e.g. 8:1,64:8") from None
+        if not 1 <= k <= e:
+            raise ConfigError(f"--experts {item}: k must be between 1 and E")
+        pairs.append((e, k))
+    return pairs
+
+
+def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, steps: int,
+                 warmup: int, amp: torch.dtype | None) -> float:
+    """Median seconds of one forward + backward pass."""
+    device = x_BTD.device
+    times = []
+    for i in range(warmup + steps):
+        x = x_BTD.detach().requires_grad_(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            y = layer(x)
+        y.backward(grad_BTD.to(y.dtype))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        for p in layer.parameters():
+            p.grad = None
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    d_model = args.d_model or (1024 if cuda else 256)
+    d_ff = args.d_ff or max(64, round(8 * d_model / 3 / 64) * 64)
+    tokens = args.tokens or (65536 if cuda else 4096)
+    amp = autocast_dtype(device, args.dtype)
+    peer = args.peer or ("hf" if _has_transformers() else "none")
+    configs = parse_experts(args.experts)
+    for e, k in configs:
+        if d_ff % k:
+            raise ConfigError(f"--experts {e}:{k}: k must divide d_ff = {d_ff}")
+
+    torch.manual_seed(0)
+    seq = 1024 if tokens % 1024 == 0 else tokens
+    x = torch.randn(tokens // seq, seq, d_model, device=device)
+    grad = torch.randn_like(x)
+    maybe_compile: Callable[[nn.Module], nn.Module] = (
+        torch.compile if args.compile else (lambda m: m))
+
+    dense = MLP(d_model, d_ff, "swiglu").to(device)
+    dense_s = time_fwd_bwd(maybe_compile(dense), x, grad, args.steps, args.warmup, amp)
+    dense_flops = 3 * dense.flops_per_token()
+    rows: list[dict[str, Any]] = [_row("dense SwiGLU FFN", "-", dense_s, tokens, dense_flops, 1.0)]
+    print(f"dense d_ff={d_ff}: {tokens / dense_s:,.0f} tokens/s")
+    for e, k in configs:
+        moe = MoE(d_model, d_ff // k, e, k, normalize_topk=True).to(device)
+        moe_s = time_fwd_bwd(maybe_compile(moe), x, grad, args.steps, args.warmup, amp)
+        flops = 3 * moe.flops_per_token()
+        rows.append(_row("condcomp MoE", f"{e}:{k}", moe_s, tokens, flops, dense_s / moe_s))
+        print(f"MoE E={e} k={k}: {tokens / moe_s:,.0f} tokens/s ({dense_s / moe_s:.2f}x dense)")
+        if peer == "hf":
+            rows += _bench_hf(moe, e, k, x, grad, args, amp, tokens, flops, dense_s, moe_s,
+                              maybe_compile)
+        del moe
+    result = {"device": device_name(device), "torch": torch.__version__, "d_model": d_model,
+              "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
+              "compile": args.compile, "command": " ".join(sys.argv), "rows": rows}
+    print()
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _bench_hf(moe: MoE, e: int, k: int, x, grad, args, amp, tokens, flops, dense_s, moe_s,
+              maybe_compile) -> list[dict[str, Any]]:
+    from condcomp.hf import hf_experts_implementations, to_hf_mixtral_block
+
+    rows = []
+    for impl in hf_experts_implementations():
+        block = to_hf_mixtral_block(moe, impl).train()
+        try:
+            hf_s = time_fwd_bwd(maybe_compile(block), x, grad, args.steps, args.warmup, amp)
+        except Exception as exc:  # an HF kernel this machine lacks (deepgemm, sonicmoe, ...)
+            print(f"HF Mixtral [{impl}]: skipped ({str(exc).splitlines()[0][:100]})")
+            continue
+        row = _row(f"HF Mixtral [{impl}]", f"{e}:{k}", hf_s, tokens, flops, dense_s / hf_s)
+        row["ours_over_hf"] = hf_s / moe_s
+        rows.append(row)
+        print(f"HF Mixtral [{impl}] E={e} k={k}: {tokens / hf_s:,.0f} tokens/s "
+              f"(ours {hf_s / moe_s:.2f}x faster)")
+    return rows
+
+
+def _row(layer: str, ek: str, seconds: float, tokens: int, flops_per_token: float,
+         of_dense: float) -> dict[str, Any]:
+    return {"layer": layer, "E:k": ek, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "tflops": flops_per_token * tokens / seconds / 1e12, "fraction_of_dense": of_dense}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['device']}, {result['dtype']}, d_model {result['d_model']}, d_ff "
+             f"{result['d_ff']}, {result['tokens']:,} tokens, compile={result['compile']}",
+             "", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = f"{r['ours_over_hf']:.2f}x" if "ours_over_hf" in r else ""
+        lines.append(f"| {r['layer']} | {r['E:k']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops']:.3f} | {r['fraction_of_dense']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
