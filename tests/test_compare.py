@@ -1,0 +1,82 @@
+"""`condcomp compare`: a tiny suite end to end, and the suite file's error messages."""
+
+from pathlib import Path
+
+import pytest
+
+from condcomp.cli import main
+from condcomp.compare import load_suite
+from condcomp.errors import ConfigError
+from condcomp.runs import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_suite(tmp_path: Path, models: str, budget: int = 4096) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(5):
+        (corpus / f"d{i}.txt").write_text(("all the world's a stage and all the men and women "
+                                           f"merely players {i}\n") * 30)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f"""
+[suite]
+name = "tiny"
+base = "{REPO / 'configs/dense_tiny.toml'}"
+budget_tokens = {budget}
+decode_tokens = 8
+
+[common]
+data = {{ corpus = "{corpus}", cache_dir = "{tmp_path / 'cache'}" }}
+train = {{ batch_size = 4, seq_len = 32, warmup_steps = 2, eval_every = 16, eval_tokens = 256, log_every = 4, progress = false }}
+model = {{ max_seq_len = 64 }}
+{models}
+""")
+    return suite
+
+
+MODELS = """
+[[models]]
+name = "dense"
+
+[[models]]
+name = "switch"
+config = { model = { ffn = { kind = "moe", layers = "odd", num_experts = 4, top_k = 1 } } }
+"""
+
+
+def test_a_tiny_suite_writes_the_report(tmp_path, capsys):
+    suite = write_suite(tmp_path, MODELS)
+    out = tmp_path / "out"
+    assert main(["compare", str(suite), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| dense | dense |" in report and "| switch | moe on odd layers |" in report
+    for png in ("val_loss_vs_tokens.png", "val_loss_vs_flops.png", "val_loss_vs_time.png",
+                "expert_load_switch.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    # Equal budget: both trained the same number of tokens (4096 / (4 * 32) = 32 steps).
+    for name in ("dense", "switch"):
+        assert read_metrics(out / name)[-1]["tokens"] == 4096
+    # Running the suite again re-uses the finished runs instead of training them again.
+    rows_before = len(read_metrics(out / "dense"))
+    assert main(["compare", str(suite), "--out", str(out)]) == 0
+    assert len(read_metrics(out / "dense")) == rows_before
+
+
+def test_the_demo_suite_is_valid():
+    suite = load_suite(REPO / "configs/suites/demo.toml")
+    assert {m.name for m in suite.models} >= {"dense-d128", "switch-8e"}
+
+
+@pytest.mark.parametrize("models, budget, message", [
+    ("", 4096, "the suite has no [[models]]"),
+    (MODELS + '\n[[models]]\nname = "dense"\n', 4096, "two models are named 'dense'"),
+    (MODELS, 0, "suite.budget_tokens must be a positive integer"),
+    ('[[models]]\nname = "x"\nd_model = 3\n', 4096, "put config keys under config"),
+    ('[[models]]\nname = "x"\nconfig = { model = { n_heads = 5 } }\n', 4096,
+     "model.n_heads = 5 does not divide"),
+])
+def test_suite_errors_are_clear(tmp_path, models, budget, message):
+    with pytest.raises(ConfigError) as err:
+        load_suite(write_suite(tmp_path, models, budget))
+    assert message in str(err.value)
