@@ -4,7 +4,8 @@ Every FFN-slot layer maps ``x[B, T, D]`` to ``[B, T, D]`` and, after each forwar
 auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``layer.stats``.
 """
 
+from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP", "MoE"]
+__all__ = ["MLP", "MixtureOfDepths", "MoE"]

@@ -36,6 +36,7 @@ BUILTIN_FAMILY_MODULES = (
     "condcomp.model.wrappers",
     "condcomp.model.residual",
     "condcomp.conditional.moe",
+    "condcomp.conditional.mod",
 )
 
 

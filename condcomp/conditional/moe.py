@@ -45,6 +45,18 @@ ROUTINGS = ("token_choice", "expert_choice")
 GATHER_MAX_SLOTS = 16
 
 
+@dataclass
+class _Dispatched:
+    """What one routing scheme hands back to :meth:`MoE.forward`."""
+
+    y_TD: torch.Tensor  # the experts' combined output
+    load_E: torch.Tensor  # slots each real expert processed
+    choice_load: torch.Tensor  # slots each choice (expert or no-op) was picked for
+    dropped: torch.Tensor  # share of slots lost to capacity
+    balance: torch.Tensor  # Switch load-balancing loss (unweighted)
+    noop_fraction: torch.Tensor  # share of slots sent to no-op experts
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: ``x[B, T, D] -> y[B, T, D]``.
 
@@ -61,23 +73,30 @@ class MoE(nn.Module):
                  activation: str = "swiglu", load_balance_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, bias_update_rate: float = 0.0,
                  router_init_scale: float = 0.1, expert_dropout: float = 0.0,
-                 router_jitter: float = 0.0) -> None:
+                 router_jitter: float = 0.0, num_noop_experts: int = 0) -> None:
         super().__init__()
         check_moe_shape(num_experts, top_k, routing_mode, capacity_factor)
+        if num_noop_experts and (routing_mode != "token_choice" or no_token_left_behind):
+            raise ConfigError("no-op experts (integrated MoDE) need token-choice routing "
+                              "without no_token_left_behind")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing_mode, self.normalize_topk = routing_mode, normalize_topk
         self.capacity_factor, self.no_token_left_behind = capacity_factor, no_token_left_behind
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
         self.bias_update_rate = bias_update_rate
         self.router_init_scale, self.router_jitter = router_init_scale, router_jitter
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        # Integrated MoDE (Raposo et al. 2024, sec. 3.6): no-op experts the router may pick;
+        # a slot routed to one skips the layer on the residual. Router rows E.. are theirs.
+        self.num_noop_experts = num_noop_experts
+        self.router = nn.Linear(d_model, num_experts + num_noop_experts, bias=False)
         self.experts = GroupedExperts(num_experts, d_model, d_expert, activation, expert_dropout)
         self.shared_experts = (MLP(d_model, (d_shared or d_expert) * num_shared_experts, activation)
                                if num_shared_experts > 0 else None)
         # Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): a bias used only to choose experts,
         # nudged after each optimizer step toward under-loaded experts. Saved with the model.
-        self.register_buffer("selection_bias", torch.zeros(num_experts))
-        self.register_buffer("_load_since_update", torch.zeros(num_experts), persistent=False)
+        n_choices = num_experts + num_noop_experts
+        self.register_buffer("selection_bias", torch.zeros(n_choices))
+        self.register_buffer("_load_since_update", torch.zeros(n_choices), persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
         self.init_weights(0.02, 0.02)
@@ -99,7 +118,11 @@ class MoE(nn.Module):
         """Routed experts a token goes through on average: k, or the expert-choice factor."""
         if self.routing_mode == "expert_choice" and self.training:
             return float(self.capacity_factor)
-        return float(self._eval_top_k())
+        return float(self._eval_top_k()) * self._real_expert_share()
+
+    def _real_expert_share(self) -> float:
+        """The share of routed slots that reach a real expert under balanced routing."""
+        return self.num_experts / (self.num_experts + self.num_noop_experts)
 
     def _eval_top_k(self) -> int:
         if self.routing_mode == "expert_choice":
@@ -108,7 +131,7 @@ class MoE(nn.Module):
 
     def flops_per_token(self) -> float:
         """Router, the experts a token really goes through, and the shared experts."""
-        flops = 2.0 * self.d_model * self.num_experts
+        flops = 2.0 * self.d_model * (self.num_experts + self.num_noop_experts)
         flops += self.experts_per_token * self.experts.flops_per_expert_token()
         if self.shared_experts is not None:
             flops += self.shared_experts.flops_per_token()
@@ -139,39 +162,46 @@ class MoE(nn.Module):
         probs_TE = routing.router_probs(logits_TE)
 
         if self.routing_mode == "expert_choice" and self.training:
-            y_TD, load_E, dropped = self._expert_choice(x_TD, probs_TE, valid_T)
-            balance = probs_TE.new_zeros(())  # balanced by construction
+            out = self._expert_choice(x_TD, probs_TE, valid_T)
         else:
-            y_TD, load_E, dropped, balance = self._token_choice(x_TD, probs_TE, valid_T)
-
+            out = self._token_choice(x_TD, probs_TE, valid_T)
+        y_TD = out.y_TD
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
         z_loss = routing.router_z_loss(logits_TE, valid_T)
-        self.aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
+        self.aux_loss = self.load_balance_coef * out.balance + self.z_loss_coef * z_loss
         with torch.no_grad():
             if self.training and self.bias_update_rate > 0:
-                self._load_since_update += load_E
+                self._load_since_update += out.choice_load
             real_probs = probs_TE if valid_T is None else probs_TE[valid_T]
             self.stats = {
-                "tokens_per_expert": load_E / load_E.sum().clamp_min(1.0),
-                "dropped_fraction": dropped,
+                "tokens_per_expert": out.load_E / out.load_E.sum().clamp_min(1.0),
+                "dropped_fraction": out.dropped,
                 "router_entropy": routing.router_entropy(real_probs),
-                "load_balance_loss": balance.detach(),
+                "load_balance_loss": out.balance.detach(),
                 "z_loss": z_loss.detach(),
             }
+            if self.num_noop_experts:
+                self.stats["noop_fraction"] = out.noop_fraction
         return y_TD.view(B, T, D).to(x_BTD.dtype)
 
     def _token_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
-                      valid_T: torch.Tensor | None):
+                      valid_T: torch.Tensor | None) -> _Dispatched:
         E = self.num_experts
         k = self.top_k if self.training else self._eval_top_k()
         bias = self.selection_bias if self.bias_update_rate > 0 else None
         choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias)
         balance = routing.load_balance_loss(probs_TE, choice.expert_ids_TK, valid_T)
-        if valid_T is not None:
-            choice.kept_TK &= valid_T.unsqueeze(1)
+        choice_load = routing.count_per_expert(choice.expert_ids_TK, probs_TE.shape[1]).float()
+        noop_TK = choice.expert_ids_TK >= E
+        if valid_T is not None or self.num_noop_experts:
+            if valid_T is not None:
+                choice.kept_TK &= valid_T.unsqueeze(1)
+            choice.kept_TK &= ~noop_TK
             choice.weights_TK = choice.weights_TK * choice.kept_TK
+            # No-op slots skip the experts; clamp their ids so every index stays in range.
+            choice.expert_ids_TK = torch.where(noop_TK, E - 1, choice.expert_ids_TK)
         if self.training and self.capacity_factor is not None:
             n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
             capacity = routing.token_capacity(n_real, k, E, self.capacity_factor)
@@ -192,8 +222,10 @@ class MoE(nn.Module):
             kept_N = choice.kept_TK.reshape(-1).float()
             load_E = routing.count_per_expert(choice.expert_ids_TK, E, kept_N)
             n_slots = choice.kept_TK.numel() if valid_T is None else valid_T.sum() * k
-            dropped = 1.0 - kept_N.sum() / n_slots
-        return y_TD, load_E, dropped, balance
+            noop = noop_TK.float().sum()
+            # Dropped: slots lost to capacity (a slot sent to a no-op expert is not dropped).
+            dropped = 1.0 - (kept_N.sum() + noop) / n_slots
+        return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots)
 
     def _sorted_dispatch(self, x_TD: torch.Tensor, choice: routing.TokenChoice) -> torch.Tensor:
         """Permute the (token, slot) pairs so each expert's rows are contiguous, run the
@@ -214,7 +246,7 @@ class MoE(nn.Module):
         return out_ND[inverse_N].view(T, K, -1)
 
     def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
-                       valid_T: torch.Tensor | None):
+                       valid_T: torch.Tensor | None) -> _Dispatched:
         T, D = x_TD.shape
         capacity = max(1, int(self.capacity_factor * T / self.num_experts))
         token_idx_EC, weights_EC = routing.expert_choice(probs_TE, capacity, valid_T)
@@ -229,7 +261,9 @@ class MoE(nn.Module):
         chosen_T[token_idx_EC.reshape(-1)] = True
         real_T = chosen_T if valid_T is None else chosen_T[valid_T]
         dropped = 1.0 - real_T.float().mean()
-        return y_TD, load_E, dropped
+        zero = y_TD.new_zeros((), dtype=torch.float32)
+        # Balanced by construction: no balance loss, and no bias to nudge.
+        return _Dispatched(y_TD, load_E, load_E, dropped, zero, zero)
 
     # ------------------------------------------------------------------ outside the loss
 
@@ -289,6 +323,7 @@ class MoEOptions:
     router_init_scale: float = 0.1
     expert_dropout: float = 0.0
     router_jitter: float = 0.0
+    num_noop_experts: int = 0  # integrated MoDE: experts that do nothing (skip the layer)
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
@@ -316,9 +351,12 @@ class MoEOptions:
         check_moe_shape(opts.num_experts, opts.top_k, opts.routing, opts.capacity_factor,
                         "model.ffn")
         for key in ("d_expert", "num_shared_experts", "d_shared", "load_balance_coef",
-                    "z_loss_coef", "bias_update_rate", "router_jitter"):
+                    "z_loss_coef", "bias_update_rate", "router_jitter", "num_noop_experts"):
             if getattr(opts, key) < 0:
                 raise ConfigError(f"model.ffn.{key} = {getattr(opts, key)} must not be negative")
+        if opts.num_noop_experts and (opts.routing != "token_choice" or opts.no_token_left_behind):
+            raise ConfigError("model.ffn.num_noop_experts (integrated MoDE) needs token-choice "
+                              "routing without no_token_left_behind")
         if not 0 <= opts.expert_dropout < 1:
             raise ConfigError(f"model.ffn.expert_dropout = {opts.expert_dropout} must be in [0, 1)")
         if opts.router_init_scale <= 0:
@@ -335,7 +373,7 @@ def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
                activation=cfg.activation, load_balance_coef=o.load_balance_coef,
                z_loss_coef=o.z_loss_coef, bias_update_rate=o.bias_update_rate,
                router_init_scale=o.router_init_scale, expert_dropout=o.expert_dropout,
-               router_jitter=o.router_jitter)
+               router_jitter=o.router_jitter, num_noop_experts=o.num_noop_experts)
 
 
 registry.register(registry.Family("moe", "ffn", MoEOptions, _build, "mixture of experts"))

@@ -34,7 +34,7 @@ class KVCache(nn.Module):
         """Write the new keys/values at their positions; return the whole cache and the
         attention mask ``[B, 1, T, L]`` (a slot is visible if filled and not in the future)."""
         pos_BT = positions.pos_BT
-        if pos_BT.shape[0] == 1:
+        if pos_BT.shape[0] == 1 and positions.valid_BT is None:
             # Every sequence writes the same positions (plain decoding): one index_copy_.
             pos_T = pos_BT[0]
             self.k_BHLd.index_copy_(2, pos_T, k_BHTd.to(self.k_BHLd.dtype))
@@ -47,8 +47,16 @@ class KVCache(nn.Module):
             batch_BT = torch.arange(B, device=pos_BT.device).unsqueeze(1).expand(B, T)
             self.k_BHLd[batch_BT, :, pos_BT] = k_BHTd.transpose(1, 2).to(self.k_BHLd.dtype)
             self.v_BHLd[batch_BT, :, pos_BT] = v_BHTd.transpose(1, 2).to(self.v_BHLd.dtype)
-            self.filled_BL[batch_BT, pos_BT] = True
+            # Padding entries of a ragged selection write into the slot of a token that skipped
+            # this block (never filled, so never read) and are not marked filled.
+            filled = True if positions.valid_BT is None else positions.valid_BT
+            self.filled_BL[batch_BT, pos_BT] = filled
         visible_BTL = self.filled_BL.unsqueeze(1) & positions.causal_mask(self.max_len)
+        if positions.valid_BT is not None:
+            # A padding entry sees its own slot, so its (discarded) softmax row is never empty:
+            # an all-masked row would be NaN.
+            slots_L = torch.arange(self.max_len, device=pos_BT.device)
+            visible_BTL = visible_BTL | (slots_L == pos_BT.unsqueeze(-1))
         return self.k_BHLd, self.v_BHLd, visible_BTL.unsqueeze(1)
 
     def reset(self) -> None:

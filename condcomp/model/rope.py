@@ -19,11 +19,14 @@ class Positions:
     ``pos_BT`` is ``None`` in training (positions ``0..T-1`` for every sequence), or the
     absolute positions when decoding with a KV cache or when a wrapper (Mixture-of-Depths)
     runs a block on a subset of tokens. ``cos``/``sin`` are ``[B or 1, T, head_dim/2]``.
+    ``valid_BT`` (None: all) marks padding entries of a ragged selection, which a KV cache
+    must not record as filled.
     """
 
     pos_BT: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
+    valid_BT: torch.Tensor | None = None
     _causal: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def causal_mask(self, max_len: int) -> torch.Tensor:
@@ -34,8 +37,9 @@ class Positions:
             self._causal[max_len] = slots <= self.pos_BT.unsqueeze(-1)
         return self._causal[max_len]
 
-    def select(self, idx_BK: torch.Tensor) -> Positions:
-        """The positions of the tokens ``idx_BK`` (indices into T, per sequence)."""
+    def select(self, idx_BK: torch.Tensor, valid_BK: torch.Tensor | None = None) -> Positions:
+        """The positions of the tokens ``idx_BK`` (indices into T, per sequence); ``valid_BK``
+        marks which of them are real (the rest pad a ragged selection)."""
         B, K = idx_BK.shape
         if self.pos_BT is None:
             pos = idx_BK  # training: a token's position is its index in the sequence
@@ -44,7 +48,7 @@ class Positions:
         gather_idx = idx_BK.unsqueeze(-1).expand(B, K, self.cos.shape[-1])
         cos = torch.gather(self.cos.expand(B, -1, -1), 1, gather_idx)
         sin = torch.gather(self.sin.expand(B, -1, -1), 1, gather_idx)
-        return Positions(pos, cos, sin)
+        return Positions(pos, cos, sin, valid_BK)
 
 
 class RotaryEmbedding(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.model.accounting import active_param_count
 from condcomp.model.norm import RMSNorm
 from condcomp.model.rope import RotaryEmbedding
 
@@ -143,16 +144,11 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------ accounting
 
     def num_params(self, active_only: bool = False) -> int:
-        """Parameters of the model (tied weights once). ``active_only`` counts only what a
-        token touches: a layer that holds parameters a token does not use (the unchosen
-        experts of an MoE) reports its active count through ``active_params()``."""
-        total = sum(p.numel() for p in self.parameters())
+        """Parameters of the model (tied weights once). ``active_only`` counts what a token
+        touches on average (see :func:`condcomp.model.accounting.active_param_count`)."""
         if not active_only:
-            return total
-        for module in self.modules():
-            if module is not self and hasattr(module, "active_params"):
-                total -= sum(p.numel() for p in module.parameters()) - module.active_params()
-        return total
+            return sum(p.numel() for p in self.parameters())
+        return active_param_count(self)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Analytic forward FLOPs per token at context ``seq_len``: every matmul as 2*m*n,

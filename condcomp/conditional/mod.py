@@ -1,0 +1,201 @@
+"""Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258): a block only some tokens enter.
+
+A scalar router scores each token, ``r_i = w . x_i``. In training each sequence sends its
+top-k tokens by ``r`` through the block (k = ``capacity * T``, at least 1); only they are
+gathered, attend among themselves (causally, by their original positions) and run the FFN,
+so the compute and memory saved are real. Their output is ``x_i + r_i * f(x)_i`` (eq. 1: the
+block's update is scaled by the router weight, which gives the router its gradient; the
+residual is never scaled); every other token passes through unchanged.
+
+Top-k over a sequence looks at future tokens, so it cannot route while decoding (sec. 3.5).
+The paper's two fixes are both here (``decode_router``):
+
+- ``"aux_loss"``: a binary cross-entropy loss on the router logits against top-k membership;
+  at decode a token enters the block when ``sigmoid(r) > 0.5``.
+- ``"predictor"``: a small MLP on the router's input under stop-gradient, trained by BCE on
+  top-k membership (the LM loss is untouched); at decode its decision routes the token.
+
+In eval mode (validation and generation) routing is that causal per-token decision, so the
+validation loss is the one generation sees. A token that skips a routed block writes no K/V
+there: the block's KV cache holds only the tokens that went through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp import registry
+from condcomp.config import ModelConfig
+from condcomp.errors import ConfigError
+from condcomp.model.accounting import active_param_count
+from condcomp.model.block import Block
+from condcomp.model.rope import Positions
+
+DECODE_ROUTERS = ("aux_loss", "predictor")
+
+
+class MixtureOfDepths(nn.Module):
+    """Wraps a block (anything mapping ``(x[B, K, D], positions) -> update[B, K, D]``).
+
+    Weights: ``router.weight`` ``[1, D]`` (bias-free linear) and, with the predictor,
+    ``predictor.0.weight`` ``[H, D]`` / ``predictor.2.weight`` ``[1, H]``. After each forward
+    ``aux_loss`` holds the routing BCE and ``stats`` the routed fraction and the predictor's
+    accuracy.
+    """
+
+    def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125,
+                 decode_router: str = "aux_loss", aux_loss_coef: float = 1e-2,
+                 predictor_hidden: int = 0) -> None:
+        super().__init__()
+        check_mod_options(capacity, decode_router, aux_loss_coef)
+        self.block = block
+        self.d_model, self.capacity, self.decode_router = d_model, capacity, decode_router
+        self.aux_loss_coef = aux_loss_coef
+        self.router = nn.Linear(d_model, 1, bias=False)
+        self.predictor = None
+        if decode_router == "predictor":
+            hidden = predictor_hidden or max(8, d_model // 8)
+            self.predictor = nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.SiLU(),
+                                           nn.Linear(hidden, 1, bias=False))
+        self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        self.stats: dict[str, torch.Tensor | float] = {}
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.router.weight, std=std)
+        if self.predictor is not None:
+            nn.init.normal_(self.predictor[0].weight, std=std)
+            nn.init.normal_(self.predictor[2].weight, std=std)
+
+    # ------------------------------------------------------------------ accounting
+
+    def tokens_in_block(self, seq_len: int) -> int:
+        """k: the tokens of a sequence that enter the block in training."""
+        return max(1, int(self.capacity * seq_len))
+
+    def active_params(self) -> int:
+        """Router and predictor for every token; the block's for the routed share of them."""
+        own = sum(p.numel() for name, p in self.named_parameters()
+                  if not name.startswith("block."))
+        return own + round(self.capacity * active_param_count(self.block))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Router (and predictor) for every token; the block for the k/T routed ones, whose
+        attention spans only the k routed tokens."""
+        k = self.tokens_in_block(seq_len)
+        flops = 2.0 * self.d_model + (k / seq_len) * self.block.flops_per_token(k)
+        if self.predictor is not None:
+            flops += 2.0 * sum(p.numel() for p in self.predictor.parameters())
+        return flops
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        r_BT = self.router(x_BTD).squeeze(-1).float()
+        predictor_BT = (self.predictor(x_BTD.detach()).squeeze(-1).float()
+                        if self.predictor is not None else None)
+        if self.training:
+            k = self.tokens_in_block(T)
+            idx_BK = torch.topk(r_BT, k, dim=1, sorted=False).indices.sort(dim=1).values
+            valid_BK = None
+            chosen_BT = torch.zeros(B, T, dtype=torch.bool, device=x_BTD.device)
+            chosen_BT.scatter_(1, idx_BK, True)
+            self.aux_loss = self._routing_loss(r_BT, predictor_BT, chosen_BT)
+            decision_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
+            with torch.no_grad():
+                self.stats = {"routed_fraction": chosen_BT.float().mean(),
+                              "predictor_accuracy": (decision_BT == chosen_BT).float().mean(),
+                              "router_score_hist": score_histogram(r_BT)}
+        else:
+            # Causal routing: each token decides alone (sigmoid(logit) > 0.5 <=> logit > 0).
+            chosen_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
+            self.aux_loss = r_BT.new_zeros(())
+            self.stats = {"routed_fraction": chosen_BT.float().mean(),
+                          "router_score_hist": score_histogram(r_BT)}
+            idx_BK, valid_BK = ragged_selection(chosen_BT)
+            if idx_BK.shape[1] == 0:  # no token of the batch enters the block
+                return x_BTD
+        x_BKD = torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
+        update_BKD = self.block(x_BKD, positions.select(idx_BK, valid_BK))
+        r_BK = torch.gather(r_BT, 1, idx_BK).unsqueeze(-1).to(update_BKD.dtype)
+        new_BKD = x_BKD + r_BK * update_BKD  # Raposo et al. eq. 1
+        if valid_BK is not None:
+            new_BKD = torch.where(valid_BK.unsqueeze(-1), new_BKD, x_BKD)
+        return x_BTD.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), new_BKD)
+
+    def _routing_loss(self, r_BT: torch.Tensor, predictor_BT: torch.Tensor | None,
+                      chosen_BT: torch.Tensor) -> torch.Tensor:
+        target_BT = chosen_BT.float()
+        if predictor_BT is not None:
+            # The predictor sees stop-gradient inputs: this loss trains it alone.
+            return F.binary_cross_entropy_with_logits(predictor_BT, target_BT)
+        return self.aux_loss_coef * F.binary_cross_entropy_with_logits(r_BT, target_BT)
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}, decode_router={self.decode_router}"
+
+
+SCORE_BINS, SCORE_RANGE = 16, 4.0
+
+
+def score_histogram(r_BT: torch.Tensor) -> torch.Tensor:
+    """Share of router scores in 16 equal bins over [-4, 4] (outliers clamped to the ends)."""
+    with torch.no_grad():
+        clamped = r_BT.detach().float().clamp(-SCORE_RANGE, SCORE_RANGE)
+        counts = torch.histc(clamped, bins=SCORE_BINS, min=-SCORE_RANGE, max=SCORE_RANGE)
+        return counts / counts.sum().clamp_min(1.0)
+
+
+def ragged_selection(chosen_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[B, K]`` of each sequence's chosen tokens in order, K the largest count in the
+    batch; shorter rows are padded with tokens that were *not* chosen (so a pad never shares a
+    KV-cache slot with a routed token), and ``valid_BK`` says which entries are real.
+    Pads come after every real entry, so causal attention never lets a real token see one."""
+    B, T = chosen_BT.shape
+    arange_T = torch.arange(T, device=chosen_BT.device)
+    key_BT = (~chosen_BT).long() * T + arange_T  # chosen first, each group in position order
+    order_BT = torch.argsort(key_BT, dim=1)
+    K = int(chosen_BT.sum(dim=1).max())  # a host sync: eval only
+    idx_BK = order_BT[:, :K]
+    return idx_BK, torch.gather(chosen_BT, 1, idx_BK)
+
+
+def check_mod_options(capacity: float, decode_router: str, aux_loss_coef: float,
+                      key: str = "MixtureOfDepths") -> None:
+    if not 0.0 < capacity <= 1.0:
+        raise ConfigError(f"{key}.capacity = {capacity} must be in (0, 1]; the paper's best is "
+                          "0.125 (12.5% of the tokens enter the block)")
+    if decode_router not in DECODE_ROUTERS:
+        raise ConfigError(f"{key}.decode_router = {decode_router!r} is unknown; use one of "
+                          f"{DECODE_ROUTERS}")
+    if aux_loss_coef < 0:
+        raise ConfigError(f"{key}.aux_loss_coef = {aux_loss_coef} must not be negative")
+
+
+@dataclass
+class MoDOptions:
+    """``[model.wrapper]`` keys of ``kind = "mod"`` (use ``layers = "odd"`` for the paper's
+    every-other-block layout)."""
+
+    capacity: float = 0.125
+    decode_router: str = "aux_loss"  # aux_loss | predictor
+    aux_loss_coef: float = 1e-2  # weight of the BCE on the router logits (aux_loss mode)
+    predictor_hidden: int = 0  # 0: d_model / 8
+
+    def validate(self, cfg: ModelConfig) -> None:
+        check_mod_options(self.capacity, self.decode_router, self.aux_loss_coef, "model.wrapper")
+        if self.predictor_hidden < 0:
+            raise ConfigError("model.wrapper.predictor_hidden must not be negative")
+
+
+def _build(options: MoDOptions, cfg: ModelConfig, layer_idx: int | None) -> MixtureOfDepths:
+    assert layer_idx is not None
+    return MixtureOfDepths(Block(cfg, layer_idx), cfg.d_model, options.capacity,
+                           options.decode_router, options.aux_loss_coef, options.predictor_hidden)
+
+
+registry.register(registry.Family("mod", "wrapper", MoDOptions, _build, "mixture-of-depths"))
