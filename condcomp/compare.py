@@ -32,13 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from condcomp import registry
 from condcomp.checkpoint import list_checkpoints
+from condcomp.conditional.mod import MixtureOfDepths, blocks_per_token
 from condcomp.config import apply_override, deep_merge, from_dict, read_toml
+from condcomp.data import prepare_data
 from condcomp.errors import ConfigError
 from condcomp.generate import decode_tokens_per_s
 from condcomp.report import RunSummary, write_report
-from condcomp.runs import load_run, read_metrics
+from condcomp.runs import LoadedRun, load_run, read_metrics
 from condcomp.runtime import device_name, resolve_device
 from condcomp.train import train
 
@@ -55,6 +59,18 @@ class Suite:
     budget_tokens: int
     decode_tokens: int
     models: list[SuiteModel] = field(default_factory=list)
+
+
+def _token_depths(run: LoadedRun, n_tokens: int = 400) -> list[tuple[str, int]] | None:
+    """For a Mixture-of-Depths model: the start of the validation text, each token with the
+    number of blocks it went through."""
+    if not any(isinstance(layer, MixtureOfDepths) for layer in run.model.layers):
+        return None
+    data = prepare_data(run.cfg.data, tokenizer=run.tokenizer, log=lambda s: None)
+    n = min(n_tokens, run.cfg.model.max_seq_len, len(data.val))
+    tokens = torch.from_numpy(data.val[:n].astype("int64")).unsqueeze(0)
+    depths = blocks_per_token(run.model, tokens)
+    return [(run.tokenizer.decode([t]), d) for t, d in zip(tokens[0].tolist(), depths)]
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
@@ -134,4 +150,5 @@ def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
         final_val_loss=evals[-1]["val_loss"] if evals else float("nan"),
         bits_per_byte=evals[-1]["val_bpb"] if evals else float("nan"),
         train_tokens_per_s=last["tokens"] / last["elapsed_s"] if last["elapsed_s"] else 0.0,
-        decode_tokens_per_s=decode, metrics=metrics)
+        decode_tokens_per_s=decode, metrics=metrics, token_depths=_token_depths(run),
+        n_layers=run.cfg.model.n_layers)

@@ -25,8 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter
 
 __all__ = ["RunSummary", "write_report", "human_count", "human_si", "PLOT_FILES"]
@@ -69,6 +71,9 @@ class RunSummary:
     train_tokens_per_s: float
     decode_tokens_per_s: float  # batch-1 decode
     metrics: list[dict] = dataclasses.field(default_factory=list)
+    # Mixture-of-Depths runs: a validation text as (token text, blocks it went through).
+    token_depths: list[tuple[str, int]] | None = None
+    n_layers: int = 0
 
 
 # --------------------------------------------------------------------------- formatting
@@ -289,6 +294,56 @@ def _plot_expert_load(path: Path, run: RunSummary) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- token depth
+
+
+def token_depth_file(run: RunSummary) -> str:
+    return expert_load_file(run).replace("expert_load_", "token_depth_", 1)
+
+
+def _plot_token_depths(path: Path, run: RunSummary, chars_per_line: int = 100) -> bool:
+    """The sample text, each token on a background as dark as the number of blocks it went
+    through (Mixture-of-Depths); False when the run has no such sample."""
+    if not run.token_depths:
+        return False
+    lines: list[list[tuple[str, int]]] = [[]]
+    width = 0
+    for text, depth in run.token_depths:
+        for piece in text.split("\n")[:-1]:  # a newline ends the line
+            lines[-1].append((piece, depth))
+            lines.append([])
+            width = 0
+        last = text.split("\n")[-1]
+        if width + len(last) > chars_per_line:
+            lines.append([])
+            width = 0
+        lines[-1].append((last, depth))
+        width += len(last)
+    lines = lines[:30]
+    width_in = 9.0
+    # A monospace glyph is 0.6 em wide: size the font so one character fills one x unit.
+    fontsize = width_in * 0.98 * 72 / chars_per_line / 0.6
+    fig = Figure(figsize=(width_in, 0.8 + 0.24 * len(lines)), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.98 - 0.5 / (0.8 + 0.24 * len(lines))))
+    ax.set_xlim(0, chars_per_line)
+    ax.set_ylim(len(lines), 0)
+    ax.axis("off")
+    cmap = matplotlib.colormaps["Blues"]
+    top = max(run.n_layers, max(d for _, d in run.token_depths), 1)
+    for row, line in enumerate(lines):
+        col = 0
+        for piece, depth in line:
+            if piece:
+                ax.add_patch(Rectangle((col, row), len(piece), 1,
+                                       color=cmap(0.05 + 0.55 * depth / top), linewidth=0))
+                ax.text(col, row + 0.75, piece, fontfamily="monospace", fontsize=fontsize)
+            col += len(piece)
+    fig.suptitle(f"{run.name}: darker tokens went through more of the {top} blocks", fontsize=9)
+    fig.savefig(path, dpi=_DPI)
+    return True
+
+
 # --------------------------------------------------------------------------- markdown
 
 _COLUMNS = (
@@ -373,6 +428,13 @@ def _plots_section(runs: Sequence[RunSummary]) -> list[str]:
                   "Share of each MoE layer's routed tokens that each expert received, over "
                   "training (uniform is 1/E; a dark row is an expert left idle).", ""]
         lines += [f"![Expert load of {run.name}]({expert_load_file(run)})\n" for run in routed]
+    deep = [run for run in runs if run.token_depths]
+    if deep:
+        lines += ["## Blocks per token", "",
+                  "Validation text, each token shaded by how many blocks it went through "
+                  "(Mixture-of-Depths, with the causal routing that generation uses).", ""]
+        lines += [f"![Blocks per token of {run.name}]({token_depth_file(run)})\n"
+                  for run in deep]
     return lines
 
 
@@ -402,7 +464,7 @@ def _summary(suite_name: str, runs: Sequence[RunSummary], device: str) -> dict:
         {
             f.name: _json_value(getattr(run, f.name))
             for f in dataclasses.fields(RunSummary)
-            if f.name != "metrics"
+            if f.name not in ("metrics", "token_depths")
         }
         for run in runs
     ]
@@ -434,6 +496,7 @@ def write_report(
     _write_plots(out_dir, suite_name, runs)
     for run in runs:
         _plot_expert_load(out_dir / expert_load_file(run), run)
+        _plot_token_depths(out_dir / token_depth_file(run), run)
     summary_path = out_dir / "summary.json"
     summary_path.write_text(
         json.dumps(_summary(suite_name, runs, device), indent=2, allow_nan=False) + "\n",

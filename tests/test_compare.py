@@ -42,6 +42,10 @@ name = "dense"
 [[models]]
 name = "switch"
 config = { model = { ffn = { kind = "moe", layers = "odd", num_experts = 4, top_k = 1 } } }
+
+[[models]]
+name = "mod"
+config = { model = { wrapper = { kind = "mod", layers = "odd", capacity = 0.25 } } }
 """
 
 
@@ -52,10 +56,11 @@ def test_a_tiny_suite_writes_the_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| dense | dense |" in report and "| switch | moe on odd layers |" in report
     for png in ("val_loss_vs_tokens.png", "val_loss_vs_flops.png", "val_loss_vs_time.png",
-                "expert_load_switch.png"):
+                "expert_load_switch.png", "token_depth_mod.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     # Equal budget: both trained the same number of tokens (4096 / (4 * 32) = 32 steps).
-    for name in ("dense", "switch"):
+    assert "## Blocks per token" in report
+    for name in ("dense", "switch", "mod"):
         assert read_metrics(out / name)[-1]["tokens"] == 4096
     # Running the suite again re-uses the finished runs instead of training them again.
     rows_before = len(read_metrics(out / "dense"))

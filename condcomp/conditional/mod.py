@@ -63,6 +63,7 @@ class MixtureOfDepths(nn.Module):
                                            nn.Linear(hidden, 1, bias=False))
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
+        self.routed_BT: torch.Tensor | None = None  # the last forward's decisions (for reports)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
@@ -116,6 +117,7 @@ class MixtureOfDepths(nn.Module):
             self.aux_loss = r_BT.new_zeros(())
             self.stats = {"routed_fraction": chosen_BT.float().mean(),
                           "router_score_hist": score_histogram(r_BT)}
+            self.routed_BT = chosen_BT
             idx_BK, valid_BK = ragged_selection(chosen_BT)
             if idx_BK.shape[1] == 0:  # no token of the batch enters the block
                 return x_BTD
@@ -199,3 +201,24 @@ def _build(options: MoDOptions, cfg: ModelConfig, layer_idx: int | None) -> Mixt
 
 
 registry.register(registry.Family("mod", "wrapper", MoDOptions, _build, "mixture-of-depths"))
+
+
+@torch.no_grad()
+def blocks_per_token(model: nn.Module, tokens_1T: torch.Tensor) -> list[int] | None:
+    """How many blocks each token of ``tokens_1T`` went through, with the causal (decode-time)
+    routing; ``None`` when the model has no Mixture-of-Depths layer."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(tokens_1T)
+    finally:
+        model.train(was_training)
+    depth_T = torch.zeros(tokens_1T.shape[1], dtype=torch.long)
+    routed = False
+    for layer in model.layers:
+        if isinstance(layer, MixtureOfDepths):
+            routed = True
+            depth_T += layer.routed_BT[0].cpu().long()
+        else:
+            depth_T += 1
+    return depth_T.tolist() if routed else None
