@@ -98,6 +98,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
+    # Layer-level benchmarks: `condcomp bench moe ...`, `condcomp bench decode ...`.
+    from condcomp import bench_decode, bench_moe
+
+    targets = p.add_subparsers(dest="target", metavar="{moe,decode}")
+    bench_moe.add_parser(targets)
+    bench_decode.add_parser(targets)
     return p
 
 

@@ -1,4 +1,4 @@
-"""``condcomp bench-moe``: MoE layer forward+backward throughput, side by side in one process
+"""``condcomp bench moe``: MoE layer forward+backward throughput, side by side in one process
 with (a) the dense SwiGLU FFN of equal active FLOPs and (b) HF Mixtral's MoE block holding
 the same weights, in each expert kernel HF offers.
 
@@ -30,7 +30,7 @@ from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_devi
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench-moe", help="MoE layer throughput vs the equal-FLOP dense FFN and HF Mixtral",
+        "moe", help="MoE layer throughput vs the equal-FLOP dense FFN and HF Mixtral",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--d-model", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
     p.add_argument("--d-ff", type=int, default=None,

@@ -97,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from condcomp import __version__, bench, bench_moe
+    from condcomp import __version__, bench
 
     parser = argparse.ArgumentParser(
         prog="condcomp", description="Conditional computation for transformer language models.")
@@ -140,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     bench.add_parser(sub)
-    bench_moe.add_parser(sub)
     return parser
 
 

@@ -309,7 +309,7 @@ def from_hf_llama(hf_model: LlamaForCausalLM) -> TransformerLM:
 
 def to_hf_mixtral_block(moe: MoE, experts_implementation: str = "eager") -> Any:
     """An HF ``MixtralSparseMoeBlock`` with the weights of ``moe`` (the peer of
-    ``condcomp bench-moe`` and of the equivalence test).
+    ``condcomp bench moe`` and of the equivalence test).
 
     Mixtral routes by token choice over a bias-free router, renormalises the top-k weights and
     runs SwiGLU experts, so only an MoE with those choices, dropless and without shared

@@ -6,6 +6,8 @@ auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``l
 
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
+from condcomp.conditional.sparse_ff import SparseFF
+from condcomp.conditional.sparse_qkv import SparseQKV
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP", "MixtureOfDepths", "MoE"]
+__all__ = ["MLP", "MixtureOfDepths", "MoE", "SparseFF", "SparseQKV"]

@@ -37,6 +37,8 @@ BUILTIN_FAMILY_MODULES = (
     "condcomp.model.residual",
     "condcomp.conditional.moe",
     "condcomp.conditional.mod",
+    "condcomp.conditional.sparse_ff",
+    "condcomp.conditional.sparse_qkv",
 )
 
 

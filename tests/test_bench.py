@@ -93,7 +93,7 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
     from condcomp.cli import main
 
     out = tmp_path / "moe.json"
-    assert main(["bench-moe", "--d-model", "32", "--d-ff", "64", "--tokens", "256",
+    assert main(["bench", "moe", "--d-model", "32", "--d-ff", "64", "--tokens", "256",
                  "--experts", "4:1,8:2", "--steps", "2", "--warmup", "1", "--device", "cpu",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -108,5 +108,5 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
 def test_bench_moe_rejects_bad_expert_lists(capsys):
     from condcomp.cli import main
 
-    assert main(["bench-moe", "--experts", "8-1", "--device", "cpu"]) == 2
+    assert main(["bench", "moe", "--experts", "8-1", "--device", "cpu"]) == 2
     assert "write E:k pairs" in capsys.readouterr().err

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_python_dash_m_and_help():
     out = subprocess.run([sys.executable, "-m", "condcomp", "--help"], capture_output=True,
                          text=True, cwd=REPO, check=True).stdout
-    for command in ("train", "eval", "generate", "compare", "bench", "bench-moe"):
+    for command in ("train", "eval", "generate", "compare", "bench"):
         assert command in out
 
 

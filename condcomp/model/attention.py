@@ -1,7 +1,7 @@
 """Causal self-attention, with the attention-projection seam and an optional KV cache.
 
 The Q/K/V projections are the seam (DESIGN.md, seam 2): a registered family maps
-``x[B, T, D]`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``. The dense
+``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``. The dense
 family is three bias-free linear layers. Grouped-query attention (Ainslie et al. 2023) shares
 each K/V head among ``H / H_kv`` query heads.
 """
@@ -30,7 +30,8 @@ class DenseQKV(nn.Module):
         self.wk = nn.Linear(d_model, kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(d_model, kv_heads * head_dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x_BTD: torch.Tensor, positions: Positions
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim)
@@ -56,7 +57,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q, k, v = self.qkv(x_BTD)
+        q, k, v = self.qkv(x_BTD, positions)
         # One rotation for queries and keys together: half the small ops of a decode step.
         qk = apply_rope(torch.cat((q, k), dim=2), positions).transpose(1, 2)  # [B, H+Hkv, T, d]
         q, k = qk.split((self.n_heads, self.kv_heads), dim=1)
@@ -92,6 +93,9 @@ class Attention(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
                     device: torch.device) -> None:
         self.kv_cache = KVCache(batch_size, self.kv_heads, max_len, self.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        self.kv_cache = None
 
 
 @dataclass

@@ -138,8 +138,8 @@ class TransformerLM(nn.Module):
 
     def clear_cache(self) -> None:
         for module in self.modules():
-            if hasattr(module, "kv_cache"):
-                module.kv_cache = None
+            if module is not self and hasattr(module, "clear_cache"):
+                module.clear_cache()
 
     # ------------------------------------------------------------------ accounting
 

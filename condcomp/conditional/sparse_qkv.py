@@ -1,0 +1,157 @@
+"""Sparse QKV (Jaszczur et al. 2021, "Sparse is Enough in Scaling Transformers", sec. 3.2).
+
+The attention projections become a *multiplicative dense layer* shared by Q, K and V:
+with the output split into S modules of ``d_module = d_out / S`` units,
+``y[s, m] = sum_i x_i * D[s, i] * E[i, m]`` (``D`` ``[S, d_in]``, ``E`` ``[d_in, d_module]``),
+which can still represent any permutation but holds ``S * d_in + d_in * d_out / S`` weights
+instead of ``d_in * d_out``. Q and K then each pass through a small convolution over
+(sequence, modules): causal with kernel 3 over the length, kernel 3 over the modules, the
+``d_module`` units as channels (Trax's ``LocallyConvDense``); V is the multiplicative output.
+
+The FLOPs barely change; the weights read per decoded token drop by an order of magnitude,
+which is what batch-1 decoding is bound by. The length convolution needs the two previous
+tokens' multiplicative outputs: with a KV cache set up, they are kept in a per-position
+history beside it, so cached decoding computes exactly what the full forward does.
+
+Weights: ``gate`` ``[S, D]`` (the D above), ``proj`` ``[D, d_module]`` (E), ``bias``
+``[d_out]``; ``conv_q.weight`` / ``conv_k.weight`` ``[3, 3, d_module, d_module]`` (length
+tap, module tap, in, out) and their ``bias`` ``[d_module]``. The modules are the heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from condcomp import registry
+from condcomp.config import ModelConfig
+from condcomp.errors import ConfigError
+from condcomp.model.rope import Positions
+
+
+class CausalModuleConv(nn.Module):
+    """A 2-D convolution over (length, modules) of ``[B, T, S, d_module]``, causal in length
+    (tap j reads the token j positions back) and centred over modules (zero padding)."""
+
+    def __init__(self, d_module: int, length_kernel: int = 3, module_kernel: int = 3) -> None:
+        super().__init__()
+        if module_kernel % 2 != 1:
+            raise ConfigError(f"module kernel {module_kernel} must be odd (centred over modules)")
+        self.length_kernel, self.module_kernel = length_kernel, module_kernel
+        self.weight = nn.Parameter(torch.empty(length_kernel, module_kernel, d_module, d_module))
+        self.bias = nn.Parameter(torch.zeros(d_module))
+        self.init_weights(0.02, 0.02)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        fan_in = self.length_kernel * self.module_kernel * self.weight.shape[2]
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(fan_in))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """``taps[j]`` is the input j tokens back, ``[B, T, S, d_module]`` (zeros before the
+        start of the sequence)."""
+        half = self.module_kernel // 2
+        out = self.bias
+        for j, m_BTSM in enumerate(taps):
+            padded = nn.functional.pad(m_BTSM, (0, 0, half, half))  # zeros beyond the modules
+            S = m_BTSM.shape[2]
+            for o in range(self.module_kernel):
+                out = out + padded[:, :, o:o + S] @ self.weight[j, o]
+        return out
+
+    def flops_per_token(self, n_modules: int) -> float:
+        return 2.0 * self.weight.numel() * n_modules
+
+
+class SparseQKV(nn.Module):
+    """Multiplicative Q/K/V projections: ``x[B, T, D] -> q, k, v`` each ``[B, T, H, d]``."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, length_kernel: int = 3,
+                 module_kernel: int = 3) -> None:
+        super().__init__()
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
+        self.length_kernel = length_kernel
+        self.gate = nn.Parameter(torch.empty(n_heads, d_model))
+        self.proj = nn.Parameter(torch.empty(d_model, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads * head_dim))
+        self.conv_q = CausalModuleConv(head_dim, length_kernel, module_kernel)
+        self.conv_k = CausalModuleConv(head_dim, length_kernel, module_kernel)
+        self.history: torch.Tensor | None = None  # [B, L, S, d_module] when decoding
+        self.init_weights(0.02, 0.02)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        # Trax: gates N(0, 0.5); the shared projection like a dense layer of the same fan-in.
+        nn.init.normal_(self.gate, std=0.5)
+        nn.init.normal_(self.proj, std=1.0 / math.sqrt(self.d_model))
+        nn.init.zeros_(self.bias)
+
+    def multiplicative(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``y[s, m] = sum_i x_i D[s, i] E[i, m] + b``, as ``[B, T, S, d_module]``."""
+        B, T, _ = x_BTD.shape
+        y = torch.einsum("btd,sd,dm->btsm", x_BTD, self.gate.to(x_BTD.dtype),
+                         self.proj.to(x_BTD.dtype))
+        return y + self.bias.view(self.n_heads, self.head_dim)
+
+    def _taps(self, m_BTSM: torch.Tensor, positions: Positions) -> list[torch.Tensor]:
+        """The multiplicative output 0, 1, ..., kernel-1 tokens back."""
+        if self.history is None:
+            return [nn.functional.pad(m_BTSM, (0, 0, 0, 0, j, 0))[:, :m_BTSM.shape[1]]
+                    for j in range(self.length_kernel)]
+        pos_BT = positions.pos_BT.expand(m_BTSM.shape[0], -1)
+        batch_BT = torch.arange(pos_BT.shape[0], device=pos_BT.device).unsqueeze(1)
+        self.history[batch_BT, pos_BT] = m_BTSM.to(self.history.dtype)
+        taps = []
+        for j in range(self.length_kernel):
+            back_BT = pos_BT - j
+            tap = self.history[batch_BT, back_BT.clamp_min(0)].to(m_BTSM.dtype)
+            taps.append(tap * (back_BT >= 0).unsqueeze(-1).unsqueeze(-1).to(tap.dtype))
+        return taps
+
+    def forward(self, x_BTD: torch.Tensor, positions: Positions
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m_BTSM = self.multiplicative(x_BTD)
+        taps = self._taps(m_BTSM, positions)
+        return self.conv_q(taps), self.conv_k(taps), m_BTSM
+
+    def flops_per_token(self) -> float:
+        mult = 2.0 * self.d_model * self.n_heads * self.head_dim + self.gate.numel()
+        return mult + 2 * self.conv_q.flops_per_token(self.n_heads)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        self.history = torch.zeros(batch_size, max_len, self.n_heads, self.head_dim,
+                                   dtype=dtype, device=device)
+
+    def clear_cache(self) -> None:
+        self.history = None
+
+
+@dataclass
+class SparseQKVOptions:
+    """``[model.attention]`` keys of ``kind = "sparse_qkv"``."""
+
+    length_kernel: int = 3  # causal taps over the sequence (Q and K)
+    module_kernel: int = 3  # taps over neighbouring modules (heads)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if cfg.kv_heads != cfg.n_heads:
+            raise ConfigError("model.attention.kind = 'sparse_qkv' shares one multiplicative "
+                              "layer by Q, K and V, so it needs n_kv_heads = n_heads (no GQA)")
+        if cfg.wrapper.kind != "full":
+            raise ConfigError("model.attention.kind = 'sparse_qkv' convolves over consecutive "
+                              f"tokens, which a '{cfg.wrapper.kind}' wrapper does not keep")
+        if self.length_kernel < 1 or self.module_kernel < 1 or self.module_kernel % 2 != 1:
+            raise ConfigError("model.attention.length_kernel must be positive and "
+                              "model.attention.module_kernel positive and odd")
+
+
+def _build(options: SparseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> SparseQKV:
+    return SparseQKV(cfg.d_model, cfg.n_heads, cfg.head_dim, options.length_kernel,
+                     options.module_kernel)
+
+
+registry.register(registry.Family("sparse_qkv", "attention", SparseQKVOptions, _build,
+                                  "sparse QKV (multiplicative + conv)"))

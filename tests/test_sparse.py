@@ -1,0 +1,139 @@
+"""Sparse FF and Sparse QKV ("Sparse is Enough in Scaling Transformers")."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model_cfg
+
+from condcomp.errors import ConfigError
+from condcomp.layers import SparseFF, SparseQKV
+from condcomp.model import TransformerLM
+from condcomp.model.rope import RotaryEmbedding
+
+
+def capture_masks(layer: SparseFF, monkeypatch) -> list[torch.Tensor]:
+    masks = []
+    original = layer.forward_masked
+
+    def spy(x, mask):
+        masks.append(mask)
+        return original(x, mask)
+
+    monkeypatch.setattr(layer, "forward_masked", spy)
+    return masks
+
+
+def test_quantized_mask_has_one_active_unit_per_block(monkeypatch):
+    layer = SparseFF(16, 64, block_size=8, d_lowrank=4, quantized_share=1.0).train()
+    masks = capture_masks(layer, monkeypatch)
+    layer(torch.randn(2, 5, 16))
+    (mask,) = masks
+    assert mask.shape == (10, 8, 8)
+    assert torch.equal(mask.detach().sum(-1), torch.ones(10, 8))
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+
+
+def test_soft_mask_batches_use_the_softmax(monkeypatch):
+    layer = SparseFF(16, 64, block_size=8, d_lowrank=4, quantized_share=0.0).train()
+    masks = capture_masks(layer, monkeypatch)
+    x = torch.randn(2, 5, 16)
+    layer(x)
+    expected = layer.controller_logits(x.reshape(10, 16)).softmax(-1)
+    torch.testing.assert_close(masks[0], expected)
+
+
+@pytest.mark.parametrize("quantized_share", [0.0, 1.0])
+def test_gradients_reach_the_controller(quantized_share):
+    layer = SparseFF(16, 64, block_size=8, d_lowrank=4, quantized_share=quantized_share).train()
+    layer(torch.randn(2, 5, 16)).square().sum().backward()
+    for p in (layer.controller_down, layer.controller_up, layer.controller_bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_inference_gather_path_equals_the_quantized_dense_product():
+    layer = SparseFF(16, 64, block_size=8, d_lowrank=4).eval()
+    x = torch.randn(1, 24, 16)  # 24 tokens: the dense masked path
+    with torch.no_grad():
+        dense = layer(x)
+        gathered = torch.cat([layer(x[:, t:t + 1]) for t in range(24)], dim=1)
+        # and by definition: (ReLU(x W1 + b1) * one_hot) W2 + b2
+        choice = layer.controller_logits(x[0]).argmax(-1)
+        mask = F.one_hot(choice, 8).reshape(24, 64).float()
+        by_hand = (F.relu(x[0] @ layer.w1.t() + layer.b1) * mask) @ layer.w2 + layer.b2
+    torch.testing.assert_close(gathered, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense[0], by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_ff_counts_only_the_active_units():
+    layer = SparseFF(64, 256, block_size=32, d_lowrank=8)
+    # controller 2*8*(64+256) + two gathered rows of 64 per block (8 blocks).
+    assert layer.flops_per_token() == 2 * 8 * (64 + 256) + 2 * 2 * 8 * 64
+    # controller 8 * (64 + 256) + 256, rows of W1 and W2 for 8 units, their b1, and b2.
+    assert layer.active_params() == 8 * (64 + 256) + 256 + 2 * 8 * 64 + 8 + 64
+
+
+def test_multiplicative_layer_matches_its_definition():
+    layer = SparseQKV(d_model=12, n_heads=3, head_dim=4)
+    x = torch.randn(2, 5, 12)
+    y = layer.multiplicative(x)
+    expected = torch.zeros(2, 5, 3, 4)
+    for s in range(3):
+        expected[:, :, s] = (x * layer.gate[s]) @ layer.proj
+    torch.testing.assert_close(y, expected + layer.bias.view(3, 4))
+
+
+def test_sparse_qkv_is_causal():
+    layer = SparseQKV(d_model=12, n_heads=3, head_dim=4)
+    positions = RotaryEmbedding(4, 32).positions(10)
+    x = torch.randn(1, 10, 12)
+    y = x.clone()
+    y[:, 6:] = torch.randn(1, 4, 12)
+    with torch.no_grad():
+        a, b = layer(x, positions), layer(y, positions)
+    for before, after in zip(a, b):
+        torch.testing.assert_close(before[:, :6], after[:, :6])
+        assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+@pytest.mark.parametrize("kw", [
+    dict(ffn=dict(kind="sparse_ff", options=dict(block_size=8, d_lowrank=8))),
+    dict(attention=dict(kind="sparse_qkv")),
+    dict(ffn=dict(kind="sparse_ff", options=dict(block_size=8, d_lowrank=8)),
+         attention=dict(kind="sparse_qkv")),
+])
+def test_cached_decoding_equals_the_full_forward(kw):
+    model = TransformerLM(tiny_model_cfg(n_kv_heads=4, **kw)).eval()
+    x = torch.randint(0, 97, (2, 22))
+    with torch.no_grad():
+        full = model(x).logits
+        model.setup_cache(2, 32)
+        steps = [model(x[:, :6], input_pos=torch.arange(6)).logits]
+        steps += [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(6, 22)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_model_trains():
+    model = TransformerLM(tiny_model_cfg(n_kv_heads=4, attention=dict(kind="sparse_qkv"),
+                                         ffn=dict(kind="sparse_ff",
+                                                  options=dict(block_size=8, d_lowrank=8))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 20, (4, 24))
+    losses = []
+    for _ in range(30):
+        out = model(x[:, :-1], x[:, 1:])
+        out.total_loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="block_size = 7 must be at least 2 and divide"):
+        tiny_model_cfg(ffn=dict(kind="sparse_ff", options=dict(block_size=7))).validate()
+    with pytest.raises(ConfigError, match="needs n_kv_heads = n_heads"):
+        tiny_model_cfg(n_kv_heads=2, attention=dict(kind="sparse_qkv")).validate()
+    with pytest.raises(ConfigError, match="'mod' wrapper"):
+        tiny_model_cfg(n_kv_heads=4, attention=dict(kind="sparse_qkv"),
+                       wrapper=dict(kind="mod")).validate()
