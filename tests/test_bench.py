@@ -110,3 +110,16 @@ def test_bench_moe_rejects_bad_expert_lists(capsys):
 
     assert main(["bench", "moe", "--experts", "8-1", "--device", "cpu"]) == 2
     assert "write E:k pairs" in capsys.readouterr().err
+
+
+def test_bench_decode_table(tmp_path, capsys):
+    from condcomp.cli import main
+
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--shapes", "64", "--whole-model", "off", "--tokens", "3",
+                 "--context", "8", "--block-size", "8", "--d-lowrank", "8",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv"]
+    assert rows[0]["speedup"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert "| block | 64 | sparse_ff+qkv |" in capsys.readouterr().out

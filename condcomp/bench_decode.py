@@ -1,0 +1,185 @@
+"""``condcomp bench decode``: the shape of Table 1 of "Sparse is Enough in Scaling
+Transformers" (Jaszczur et al. 2021): batch-1, one-token-at-a-time decode time with a KV cache,
+for a dense block, +Sparse FF, +Sparse QKV and +both, measured side by side in one run.
+
+Two scales: the paper's ~800M shape (d_model 1024, d_ff 4096, 16 heads) per block and for the
+whole model (24 layers, vocab 32k), and a large block (d_model 4096, d_ff 16384, 32 heads) per
+block only. Each measurement prefills ``--context`` tokens, then times ``--tokens`` decode
+steps; the variants take turns, so a load change on a shared machine hits all of them alike,
+and the median step time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condcomp.config import ModelConfig, SeamConfig
+from condcomp.model import TransformerLM
+from condcomp.runtime import device_name, resolve_device
+
+VARIANTS = ("dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv")
+# What the paper reports, as quoted in our issue tracker (speed-up over dense): per block at
+# d_model 1024, and for whole models in the abstract (800M and 17B parameters).
+PAPER = {("block", 1024, "sparse_ff"): 1.9, ("block", 1024, "sparse_ff+qkv"): 3.05,
+         ("model", 1024, "sparse_ff+qkv"): 2.6, ("model", 4096, "sparse_ff+qkv"): 20.0}
+SHAPES = {1024: dict(d_model=1024, d_ff=4096, n_heads=16), 4096: dict(d_model=4096,
+                                                                     d_ff=16384, n_heads=32)}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("decode", help="Sparse FF / QKV decode table (Jaszczur et al. 2021)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="1024,4096", help="d_model of the shapes to run")
+    p.add_argument("--whole-model", choices=["on", "off"], default="on",
+                   help="also time the 24-layer d_model 1024 model")
+    p.add_argument("--layers", type=int, default=24, help="layers of the whole model")
+    p.add_argument("--block-size", type=int, default=64, help="Sparse FF: units per block (N)")
+    p.add_argument("--d-lowrank", type=int, default=64, help="Sparse FF controller rank")
+    p.add_argument("--context", type=int, default=64, help="prefilled tokens before timing")
+    p.add_argument("--tokens", type=int, default=32, help="timed decode steps per variant")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=run)
+    return p
+
+
+def variant_config(shape: dict[str, int], variant: str, n_layers: int, block_size: int,
+                   d_lowrank: int, vocab: int, max_len: int) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=vocab, n_layers=n_layers, activation="relu",
+                      max_seq_len=max_len, **shape)
+    if "ff" in variant:
+        cfg.ffn = SeamConfig("sparse_ff", options={"block_size": block_size,
+                                                   "d_lowrank": d_lowrank})
+    if "qkv" in variant:
+        cfg.attention = SeamConfig("sparse_qkv")
+    return cfg
+
+
+class BlockDecoder:
+    """One block of a model, decoding one token at a time against its own KV cache."""
+
+    def __init__(self, model: TransformerLM, context: int) -> None:
+        self.model, self.block = model, model.layers[0]
+        model.setup_cache(1, context + 1024)
+        d = model.cfg.d_model
+        g = torch.Generator().manual_seed(0)
+        device = model.tok_emb.weight.device
+        self.x_prefill = torch.randn(1, context, d, generator=g).to(device)
+        self.x_step = torch.randn(1, 1, d, generator=g).to(device)
+        with torch.no_grad():
+            self.block(self.x_prefill, model.rope.positions(context, torch.arange(context,
+                                                                                  device=device)))
+        self.pos = context
+
+    @torch.no_grad()
+    def step(self) -> None:
+        device = self.x_step.device
+        positions = self.model.rope.positions(1, torch.tensor([self.pos], device=device))
+        self.block(self.x_step, positions)
+        self.pos += 1
+
+
+class ModelDecoder:
+    def __init__(self, model: TransformerLM, context: int) -> None:
+        self.model = model
+        model.setup_cache(1, context + 1024)
+        device = model.tok_emb.weight.device
+        with torch.no_grad():
+            model(torch.zeros(1, context, dtype=torch.long, device=device),
+                  input_pos=torch.arange(context, device=device))
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = context
+
+    @torch.no_grad()
+    def step(self) -> None:
+        device = self.token.device
+        self.model(self.token, input_pos=torch.tensor([self.pos], device=device))
+        self.pos += 1
+
+
+def time_side_by_side(decoders: dict[str, Any], tokens: int, device: torch.device
+                      ) -> dict[str, float]:
+    """Median seconds per decode step of each decoder; they take turns step by step."""
+    for decoder in decoders.values():  # warm-up
+        for _ in range(3):
+            decoder.step()
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(tokens):
+        for name, decoder in decoders.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            decoder.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    rows: list[dict[str, Any]] = []
+    for d in (int(s) for s in args.shapes.split(",")):
+        shape = SHAPES.get(d) or dict(d_model=d, d_ff=4 * d, n_heads=max(1, d // 64))
+        models = {v: TransformerLM(variant_config(shape, v, 1, args.block_size, args.d_lowrank,
+                                                  256, args.context + 1024)).to(device).eval()
+                  for v in VARIANTS}
+        decoders = {v: BlockDecoder(m, args.context) for v, m in models.items()}
+        rows += _rows("block", d, time_side_by_side(decoders, args.tokens, device), models)
+        print(f"per block, d_model {d}: done")
+        del models, decoders
+    if args.whole_model == "on":
+        shape = SHAPES[1024]
+        base = TransformerLM(variant_config(shape, "dense", args.layers, args.block_size,
+                                            args.d_lowrank, 32000, args.context + 1024))
+        models = {"dense": base.to(device).eval()}
+        for v in VARIANTS[1:]:
+            models[v] = TransformerLM(variant_config(shape, v, args.layers, args.block_size,
+                                                     args.d_lowrank, 32000,
+                                                     args.context + 1024)).to(device).eval()
+        decoders = {v: ModelDecoder(m, args.context) for v, m in models.items()}
+        rows += _rows("model", 1024, time_side_by_side(decoders, args.tokens, device), models)
+        del models, decoders, base
+    result = {"device": device_name(device), "torch": torch.__version__,
+              "command": " ".join(["condcomp", *sys.argv[1:]]), "block_size": args.block_size,
+              "d_lowrank": args.d_lowrank, "context": args.context, "rows": rows}
+    print()
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _rows(scope: str, d_model: int, seconds: dict[str, float],
+          models: dict[str, TransformerLM]) -> list[dict[str, Any]]:
+    dense = seconds["dense"]
+    rows = []
+    for variant, s in seconds.items():
+        model = models[variant]
+        rows.append({"scope": scope, "d_model": d_model, "variant": variant,
+                     "layers": model.cfg.n_layers, "params": model.num_params(),
+                     "step_ms": 1e3 * s, "speedup": dense / s,
+                     "paper_speedup": PAPER.get((scope, d_model, variant))})
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['device']}, torch {result['torch']}, batch 1, fp32, Sparse FF N = "
+             f"{result['block_size']}, d_lowrank {result['d_lowrank']}, context "
+             f"{result['context']}", "",
+             "| scope | d_model | variant | params | decode ms/token | speed-up | paper |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        paper = f"{r['paper_speedup']:.2f}x" if r["paper_speedup"] else ""
+        scope = r["scope"] if r["scope"] == "block" else f"model ({r['layers']} layers)"
+        lines.append(f"| {scope} | {r['d_model']} | {r['variant']} | {r['params'] / 1e6:.1f}M | "
+                     f"{r['step_ms']:.2f} | {r['speedup']:.2f}x | {paper} |")
+    return "\n".join(lines)
