@@ -93,6 +93,8 @@ def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
     ``on_token`` is called with each id as soon as it is sampled (for streaming output).
     ``decode_step`` replaces :func:`decode_one_token` (e.g. a ``torch.compile``d copy of it).
     Generation stops early at ``stop_id`` (the tokenizer's end-of-text), which is not returned.
+    The KV cache stays set up afterwards for the next call (training forwards ignore it);
+    ``model.clear_cache()`` frees it.
     """
     sampling = (sampling or Sampling()).validate()
     check_fits(len(prompt_ids), max_new_tokens, model.cfg.max_seq_len)
@@ -103,7 +105,14 @@ def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
     decode_step = decode_step or decode_one_token
     was_training = model.training
     model.eval()
-    model.setup_cache(batch_size=1, max_len=len(prompt_ids) + max_new_tokens)
+    # Keep the cache between calls when it is large enough (gpt-fast): the same tensors, so a
+    # compiled (CUDA-graph) decode step is not re-recorded for every generation.
+    needed = len(prompt_ids) + max_new_tokens
+    shape = model.cache_shape()
+    if shape is not None and shape[0] == 1 and shape[1] >= needed:
+        model.reset_cache()
+    else:
+        model.setup_cache(batch_size=1, max_len=needed)
     try:
         logits = prefill(model, torch.tensor([prompt_ids], device=device))
         out: list[int] = []
@@ -122,7 +131,6 @@ def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int,
             pos += 1
         return out
     finally:
-        model.clear_cache()
         model.train(was_training)
 
 

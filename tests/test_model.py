@@ -194,3 +194,18 @@ def test_registry_names_unknown_families_and_options():
         tiny_model_cfg(ffn=dict(kind="mlp", options={"widht": 3})).validate()
     with pytest.raises(ConfigError, match="layers \\[7\\] that do not exist"):
         tiny_model_cfg(ffn=SeamConfig(kind="mlp", layers=[7])).validate()
+
+
+def test_generate_keeps_its_cache_and_training_ignores_it():
+    from condcomp.generate import Sampling
+
+    model = TransformerLM(tiny_model_cfg()).eval()
+    first = generate(model, [1, 2, 3], 5, Sampling(temperature=0.0))
+    k_tensor = model.layers[0].block.attn.kv_cache.k_BHLd
+    second = generate(model, [1, 2, 3], 5, Sampling(temperature=0.0))
+    assert first == second
+    assert model.layers[0].block.attn.kv_cache.k_BHLd is k_tensor  # reused, not reallocated
+    x = torch.randint(0, 97, (2, 16))
+    with_cache = model(x).logits
+    model.clear_cache()
+    torch.testing.assert_close(with_cache, model(x).logits)

@@ -97,7 +97,7 @@ class SparseQKV(nn.Module):
 
     def _taps(self, m_BTSM: torch.Tensor, positions: Positions) -> list[torch.Tensor]:
         """The multiplicative output 0, 1, ..., kernel-1 tokens back."""
-        if self.history is None:
+        if self.history is None or not positions.decoding:
             return [nn.functional.pad(m_BTSM, (0, 0, 0, 0, j, 0))[:, :m_BTSM.shape[1]]
                     for j in range(self.length_kernel)]
         pos_BT = positions.pos_BT.expand(m_BTSM.shape[0], -1)
@@ -127,6 +127,10 @@ class SparseQKV(nn.Module):
 
     def clear_cache(self) -> None:
         self.history = None
+
+    def reset_cache(self) -> None:
+        if self.history is not None:
+            self.history.zero_()
 
 
 @dataclass

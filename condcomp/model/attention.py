@@ -63,9 +63,7 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.kv_heads), dim=1)
         v = v.transpose(1, 2)
         gqa = self.kv_heads != self.n_heads
-        if self.kv_cache is not None:
-            if positions.pos_BT is None:
-                raise RuntimeError("decoding with a KV cache needs explicit input positions")
+        if self.kv_cache is not None and positions.decoding:
             k_all, v_all, mask = self.kv_cache.update(positions, k, v)
             y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
                                                attn_mask=mask, enable_gqa=gqa)
@@ -96,6 +94,10 @@ class Attention(nn.Module):
 
     def clear_cache(self) -> None:
         self.kv_cache = None
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
 
 
 @dataclass

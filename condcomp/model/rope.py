@@ -20,13 +20,15 @@ class Positions:
     absolute positions when decoding with a KV cache or when a wrapper (Mixture-of-Depths)
     runs a block on a subset of tokens. ``cos``/``sin`` are ``[B or 1, T, head_dim/2]``.
     ``valid_BT`` (None: all) marks padding entries of a ragged selection, which a KV cache
-    must not record as filled.
+    must not record as filled. ``decoding`` is True when the forward reads and writes the KV
+    caches (the caller gave input positions): a cache left set up never leaks into training.
     """
 
     pos_BT: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     valid_BT: torch.Tensor | None = None
+    decoding: bool = False
     _causal: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def causal_mask(self, max_len: int) -> torch.Tensor:
@@ -48,7 +50,7 @@ class Positions:
         gather_idx = idx_BK.unsqueeze(-1).expand(B, K, self.cos.shape[-1])
         cos = torch.gather(self.cos.expand(B, -1, -1), 1, gather_idx)
         sin = torch.gather(self.sin.expand(B, -1, -1), 1, gather_idx)
-        return Positions(pos, cos, sin, valid_BK)
+        return Positions(pos, cos, sin, valid_BK, self.decoding)
 
 
 class RotaryEmbedding(nn.Module):
@@ -67,7 +69,7 @@ class RotaryEmbedding(nn.Module):
         if pos is None:
             return Positions(None, self.cos_table[None, :seq_len], self.sin_table[None, :seq_len])
         pos_BT = pos if pos.dim() == 2 else pos.unsqueeze(0)
-        return Positions(pos_BT, self.cos_table[pos_BT], self.sin_table[pos_BT])
+        return Positions(pos_BT, self.cos_table[pos_BT], self.sin_table[pos_BT], decoding=True)
 
 
 def apply_rope(x_BTHd: torch.Tensor, positions: Positions) -> torch.Tensor:

@@ -141,6 +141,20 @@ class TransformerLM(nn.Module):
             if module is not self and hasattr(module, "clear_cache"):
                 module.clear_cache()
 
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch, length) of the KV caches set up, or None."""
+        for module in self.modules():
+            cache = getattr(module, "kv_cache", None)
+            if cache is not None:
+                return cache.k_BHLd.shape[0], cache.max_len
+        return None
+
+    def reset_cache(self) -> None:
+        """Empty the caches in place (same tensors, so compiled / CUDA-graph steps stay valid)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_cache"):
+                module.reset_cache()
+
     # ------------------------------------------------------------------ accounting
 
     def num_params(self, active_only: bool = False) -> int:
