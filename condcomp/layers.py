@@ -4,10 +4,11 @@ Every FFN-slot layer maps ``x[B, T, D]`` to ``[B, T, D]`` and, after each forwar
 auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``layer.stats``.
 """
 
+from condcomp.conditional.altup import AltUp
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
 from condcomp.conditional.sparse_ff import SparseFF
 from condcomp.conditional.sparse_qkv import SparseQKV
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP", "MixtureOfDepths", "MoE", "SparseFF", "SparseQKV"]
+__all__ = ["MLP", "AltUp", "MixtureOfDepths", "MoE", "SparseFF", "SparseQKV"]

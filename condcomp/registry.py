@@ -39,6 +39,7 @@ BUILTIN_FAMILY_MODULES = (
     "condcomp.conditional.mod",
     "condcomp.conditional.sparse_ff",
     "condcomp.conditional.sparse_qkv",
+    "condcomp.conditional.altup",
 )
 
 

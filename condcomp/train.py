@@ -50,9 +50,14 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 def make_optimizer(model: TransformerLM, cfg: RunConfig, device: torch.device
                    ) -> torch.optim.AdamW:
-    # Weight decay on matrices only: norms' gains and biases are not decayed (nanoGPT, GPT-3).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # Weight decay on matrices only: norms' gains and biases are not decayed (nanoGPT, GPT-3),
+    # nor parameters a layer marks ``no_weight_decay`` (AltUp's mixing coefficients).
+    def decays(p: torch.nn.Parameter) -> bool:
+        return p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if decays(p)]
+    no_decay = [p for p in params if not decays(p)]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),

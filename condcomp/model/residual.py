@@ -1,6 +1,7 @@
 """Residual streams (seam 4): the state carried between blocks.
 
-A stream turns the token embedding into its state (``expand``), applies each layer to it
+A stream turns the token embedding (and the token ids, for a stream with an embedding of its
+own) into its state (``expand``), applies each layer to it
 (``apply``; AltUp runs a layer on one of K sub-blocks and predicts/corrects the others), and
 turns the final state back into ``[B, T, D]`` for the output head (``collapse``).
 """
@@ -20,7 +21,7 @@ from condcomp.config import ModelConfig
 class PlainStream(nn.Module):
     """The usual width-D residual stream: the layer is applied to the state as is."""
 
-    def expand(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def expand(self, x_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
         return x_BTD
 
     def apply(self, layer_idx: int, state: torch.Tensor,

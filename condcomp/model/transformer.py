@@ -96,7 +96,7 @@ class TransformerLM(nn.Module):
         """
         B, T = tokens_BT.shape
         positions = self.rope.positions(T, input_pos)
-        state = self.stream.expand(self.tok_emb(tokens_BT))
+        state = self.stream.expand(self.tok_emb(tokens_BT), tokens_BT)
         for i, layer in enumerate(self.layers):
             state = self.stream.apply(i, state, lambda h, layer=layer: layer(h, positions))
         x_BTD = self.norm(self.stream.collapse(state))
