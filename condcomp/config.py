@@ -203,6 +203,9 @@ class TrainConfig:
     compile: bool = False
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
+    init_from: str = ""  # a run directory or checkpoint whose weights start a new run
+
+
 
     @property
     def tokens_per_step(self) -> int:

@@ -7,8 +7,10 @@ auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``l
 from condcomp.conditional.altup import AltUp
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
+from condcomp.conditional.mot import MixtureOfTokens
 from condcomp.conditional.sparse_ff import SparseFF
 from condcomp.conditional.sparse_qkv import SparseQKV
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP", "AltUp", "MixtureOfDepths", "MoE", "SparseFF", "SparseQKV"]
+__all__ = ["MLP", "AltUp", "MixtureOfDepths", "MixtureOfTokens", "MoE", "SparseFF",
+           "SparseQKV"]

@@ -40,6 +40,7 @@ BUILTIN_FAMILY_MODULES = (
     "condcomp.conditional.sparse_ff",
     "condcomp.conditional.sparse_qkv",
     "condcomp.conditional.altup",
+    "condcomp.conditional.mot",
 )
 
 

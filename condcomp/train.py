@@ -159,6 +159,14 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
         optimizer, lambda s: lr_multiplier(s, tc.warmup_steps, total, tc.min_lr_ratio))
 
     step, elapsed, nonfinite = 0, 0.0, 0
+    if tc.init_from and ckpt is None:
+        # A new run from trained weights (e.g. the Mixture-of-Tokens transition to sparse):
+        # the weights only; optimizer, schedule and data start afresh.
+        source = Path(tc.init_from)
+        init = ckpt_lib.resolve_checkpoint(source, None) if (source / "checkpoints").is_dir() \
+            else ckpt_lib.resolve_checkpoint(source.parent.parent, source)
+        ckpt_lib.load_checkpoint(init, model, map_location=device)
+        log(f"initialised the weights from {init.path}")
     if ckpt is not None:
         state = ckpt_lib.load_checkpoint(ckpt, model, run_dir, map_location=device)
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,192 @@
+"""Mixture of Tokens (Antoniak, Jaszczur et al. 2023): continuous MoE by cross-example mixing.
+
+Tokens are grouped *across examples*: the tokens at the same position in ``group_size``
+different sequences form a group, so no token ever mixes with its own sequence's future. For
+each expert e (eq. 1-3 of the paper):
+
+- group weights ``w_ie = softmax_i(x_i . c_e / temperature)`` over the group's tokens;
+- one merged token per expert and group, ``m_e = sum_i w_ie x_i``, through the expert's MLP;
+- each token receives ``y_i = sum_e w_ie o_e``.
+
+Every step is a batched einsum over (groups, experts): no loop, no routing discreteness, hence
+no load-balancing loss and no dropped tokens.
+
+A batch that is not a multiple of ``group_size`` is padded with masked sequences (they take
+no weight). With fewer sequences than the group size (batch-1 decoding) the groups degenerate,
+so inference uses the *transition to sparse* (sec. 4 of the paper): ``routing =
+"token_choice"`` sends each token to its top expert by the same controller,
+``p = softmax_e(x . c_e / temperature)``, with weight p. A MoT checkpoint is fine-tuned into
+it with ``condcomp train --set model.ffn.routing=token_choice --set train.init_from=RUN``.
+
+``temperature`` can be annealed to ``temperature_final`` over ``anneal_steps`` optimizer
+steps (the step count lives in the layer and is saved with it).
+
+Weights: ``controller`` ``[D, E]``; experts stacked as the MoE's (``experts.w1`` ``[E, D, H]``,
+``experts.w2`` ``[E, H, D]``, ``experts.w3`` for SwiGLU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp import registry
+from condcomp.conditional.experts import GroupedExperts
+from condcomp.config import ModelConfig
+from condcomp.errors import ConfigError
+
+ROUTINGS = ("continuous", "token_choice")
+EXPERT_SIZES = ("split", "flop_matched")
+
+
+class MixtureOfTokens(nn.Module):
+    """Mixture of Tokens FFN: ``x[B, T, D] -> y[B, T, D]``."""
+
+    def __init__(self, d_model: int, d_expert: int, num_experts: int, group_size: int, *,
+                 routing: str = "continuous", temperature: float = 1.0,
+                 temperature_final: float | None = None, anneal_steps: int = 0,
+                 activation: str = "swiglu") -> None:
+        super().__init__()
+        check_mot(num_experts, group_size, routing, temperature)
+        self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
+        self.routing = routing
+        self.temperature_start = temperature
+        self.temperature_final = temperature if temperature_final is None else temperature_final
+        self.anneal_steps = anneal_steps
+        self.controller = nn.Parameter(torch.empty(d_model, num_experts))
+        self.experts = GroupedExperts(num_experts, d_model, d_expert, activation)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        self.stats: dict[str, torch.Tensor | float] = {}
+        self.init_weights(0.02, 0.02)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.controller, std=std)
+        self.experts.init_weights(std, residual_std)
+
+    def temperature(self) -> torch.Tensor:
+        """The current temperature, a tensor (no host sync), annealed linearly with steps."""
+        frac = (self.steps_done.float() / self.anneal_steps).clamp(max=1.0) \
+            if self.anneal_steps > 0 else self.steps_done.new_zeros((), dtype=torch.float32)
+        return self.temperature_start + frac * (self.temperature_final - self.temperature_start)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.steps_done += 1
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_token(self) -> float:
+        """Controller; in continuous mode the merge and the combine (2 E D each per token) and
+        the E experts' work on one merged token per group, shared by the group's tokens."""
+        controller = 2.0 * self.d_model * self.num_experts
+        expert = self.experts.flops_per_expert_token()
+        if self.routing == "token_choice":
+            return controller + expert
+        mix = 2 * 2.0 * self.num_experts * self.d_model
+        return controller + mix + self.num_experts * expert / self.group_size
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.routing == "token_choice":
+            return self._token_choice(x_BTD)
+        B, T, D = x_BTD.shape
+        G = self.group_size
+        pad = (-B) % G
+        if pad:  # masked sequences complete the last group and take no weight
+            x_BTD = torch.cat((x_BTD, x_BTD.new_zeros(pad, T, D)))
+        n = (B + pad) // G
+        # Groups: the same position in G sequences. [n, G, T, D] -> [n, T, G, D].
+        x_nTGD = x_BTD.view(n, G, T, D).transpose(1, 2)
+        logits = (x_nTGD @ self.controller.to(x_BTD.dtype)).float() / self.temperature()
+        if pad:
+            real_G = torch.arange(n * G, device=x_BTD.device).view(n, 1, G, 1) < B
+            logits = logits.masked_fill(~real_G, float("-inf"))
+        w_nTGE = torch.softmax(logits, dim=2)  # over the group's tokens, per expert
+        merged_nTED = torch.einsum("ntge,ntgd->nted", w_nTGE.to(x_BTD.dtype), x_nTGD)
+        out_EMD = self.experts.forward_batched(
+            merged_nTED.reshape(n * T, self.num_experts, D).transpose(0, 1))
+        out_nTED = out_EMD.transpose(0, 1).reshape(n, T, self.num_experts, D)
+        y_nTGD = torch.einsum("ntge,nted->ntgd", w_nTGE.to(out_nTED.dtype), out_nTED)
+        with torch.no_grad():
+            entropy = -(w_nTGE * torch.log(w_nTGE.clamp_min(1e-20))).sum(2).mean()
+            self.stats = {"group_weight_entropy": entropy, "temperature": self.temperature()}
+        return y_nTGD.transpose(1, 2).reshape(n * G, T, D)[:B]
+
+    def _token_choice(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The transition to sparse: each token through its top expert, weighted by the
+        controller's softmax over experts."""
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        probs_NE = torch.softmax((x_ND @ self.controller.to(x_ND.dtype)).float()
+                                 / self.temperature(), dim=-1)
+        weight_N, expert_N = probs_NE.max(dim=-1)
+        out_ND = self.experts.forward_gathered(x_ND, expert_N)
+        with torch.no_grad():
+            load = F.one_hot(expert_N, self.num_experts).float().mean(0)
+            self.stats = {"tokens_per_expert": load, "temperature": self.temperature()}
+        return (out_ND * weight_N.unsqueeze(-1).to(out_ND.dtype)).view(B, T, D)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, group_size={self.group_size}, "
+                f"routing={self.routing}")
+
+
+def check_mot(num_experts: int, group_size: int, routing: str, temperature: float,
+              key: str = "MixtureOfTokens") -> None:
+    if num_experts < 1 or group_size < 1:
+        raise ConfigError(f"{key}: num_experts and group_size must be at least 1")
+    if routing not in ROUTINGS:
+        raise ConfigError(f"{key}.routing = {routing!r} is unknown; use one of {ROUTINGS}")
+    if temperature <= 0:
+        raise ConfigError(f"{key}.temperature = {temperature} must be positive")
+
+
+@dataclass
+class MoTOptions:
+    """``[model.ffn]`` keys of ``kind = "mot"``."""
+
+    num_experts: int = 8
+    group_size: int = 8  # sequences mixed per group (train.batch_size should be a multiple)
+    expert_size: str = "split"  # split: d_ff / E;  flop_matched: d_ff * group_size / E
+    d_expert: int = 0  # > 0 overrides expert_size
+    routing: str = "continuous"  # continuous | token_choice (the transition to sparse)
+    temperature: float = 1.0
+    temperature_final: float | None = None  # anneal to this over anneal_steps
+    anneal_steps: int = 0
+
+    def expert_width(self, cfg: ModelConfig) -> int:
+        if self.d_expert:
+            return self.d_expert
+        if self.expert_size == "flop_matched":
+            # Each expert sees one merged token per group of G: G-times wider experts spend the
+            # dense FFN's FLOPs per token (the paper's compute-matched setting).
+            return max(1, cfg.ffn_hidden * self.group_size // self.num_experts)
+        return max(1, cfg.ffn_hidden // self.num_experts)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        check_mot(self.num_experts, self.group_size, self.routing, self.temperature,
+                  "model.ffn")
+        if self.expert_size not in EXPERT_SIZES:
+            raise ConfigError(f"model.ffn.expert_size = {self.expert_size!r} is unknown; use "
+                              f"one of {EXPERT_SIZES}")
+        if self.anneal_steps < 0 or self.d_expert < 0:
+            raise ConfigError("model.ffn.anneal_steps and model.ffn.d_expert must not be "
+                              "negative")
+        if self.temperature_final is not None and self.temperature_final <= 0:
+            raise ConfigError("model.ffn.temperature_final must be positive")
+
+
+def _build(options: MoTOptions, cfg: ModelConfig, layer_idx: int | None) -> MixtureOfTokens:
+    return MixtureOfTokens(cfg.d_model, options.expert_width(cfg), options.num_experts,
+                           options.group_size, routing=options.routing,
+                           temperature=options.temperature,
+                           temperature_final=options.temperature_final,
+                           anneal_steps=options.anneal_steps, activation=cfg.activation)
+
+
+registry.register(registry.Family("mot", "ffn", MoTOptions, _build, "mixture of tokens"))
