@@ -13,3 +13,22 @@ def tiny_model_cfg(**overrides) -> ModelConfig:
         if isinstance(base.get(seam), dict):
             base[seam] = SeamConfig(**base[seam])
     return ModelConfig(**base)
+
+
+def assert_cached_decoding_matches(model, tokens_BT, prefill: int = 0, atol: float = 1e-5):
+    """Prefill ``prefill`` tokens, decode the rest one at a time with the KV cache, and hold
+    the logits equal to one full forward pass over the whole sequence."""
+    import torch
+
+    B, T = tokens_BT.shape
+    model.eval()
+    with torch.no_grad():
+        full = model(tokens_BT).logits
+        model.setup_cache(B, T + 8)
+        steps = []
+        if prefill:
+            steps.append(model(tokens_BT[:, :prefill], input_pos=torch.arange(prefill)).logits)
+        steps += [model(tokens_BT[:, t:t + 1], input_pos=torch.tensor([t])).logits
+                  for t in range(prefill, T)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=atol, rtol=atol)

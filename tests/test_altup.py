@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.errors import ConfigError
 from condcomp.layers import AltUp
@@ -65,11 +65,7 @@ def test_trains_and_cached_decoding_equals_the_full_forward(options, extra):
         for layer in model.layers:
             if hasattr(layer, "router"):  # let a Mixture-of-Depths router send some tokens
                 layer.router.weight.normal_(0, 0.5)
-        full = model(x).logits
-        model.setup_cache(2, 32)
-        steps = [model(x[:, :5], input_pos=torch.arange(5)).logits]
-        steps += [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(5, 18)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_matches(model, x, prefill=5)
 
 
 def test_coefficients_are_not_weight_decayed():

@@ -3,7 +3,7 @@ routed block, MoDE in both forms."""
 
 import pytest
 import torch
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.conditional.mod import MixtureOfDepths, ragged_selection
 from condcomp.errors import ConfigError
@@ -98,13 +98,9 @@ def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_ro
     model = mod_model(decode_router)
     x = torch.randint(0, 97, (3, 24))
     with torch.no_grad():
-        full = model(x).logits
-        routed = model.layers[1].stats["routed_fraction"]
-        assert 0 < routed < 1
-        model.setup_cache(3, 32)
-        steps = [model(x[:, :9], input_pos=torch.arange(9)).logits]
-        steps += [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(9, 24)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        model(x)
+        assert 0 < model.layers[1].stats["routed_fraction"] < 1
+    assert_cached_decoding_matches(model, x, prefill=9)
 
 
 def test_a_routed_blocks_cache_holds_only_the_tokens_that_went_through():
@@ -136,13 +132,9 @@ def test_staged_mode_mod_around_an_moe_block_trains_and_decodes():
     out.total_loss.backward()
     assert "layers.1.block.ffn.tokens_per_expert" in out.stats
     assert "layers.1.routed_fraction" in out.stats
-    model.eval()
     with torch.no_grad():
         model.layers[1].router.weight.normal_(0, 0.5)
-        full = model(x).logits
-        model.setup_cache(2, 32)
-        steps = [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(16)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_matches(model, x)
 
 
 def test_integrated_mode_noop_experts_skip_the_layer():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp import registry
 from condcomp.config import SeamConfig
@@ -38,16 +38,8 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_cached_decoding_equals_full_forward(n_kv_heads):
-    model = TransformerLM(tiny_model_cfg(n_kv_heads=n_kv_heads)).eval()
-    x = torch.randint(0, 97, (2, 24))
-    with torch.no_grad():
-        full = model(x).logits
-        model.setup_cache(batch_size=2, max_len=32)
-        logits = [model(x[:, :9], input_pos=torch.arange(9)).logits]
-        for t in range(9, 24):
-            logits.append(model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits)
-        model.clear_cache()
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    model = TransformerLM(tiny_model_cfg(n_kv_heads=n_kv_heads))
+    assert_cached_decoding_matches(model, torch.randint(0, 97, (2, 24)), prefill=9)
 
 
 def test_prefill_and_decode_helpers_match_forward():

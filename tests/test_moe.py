@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.conditional import routing
 from condcomp.conditional.moe import MoE, MoEOptions
@@ -278,14 +278,7 @@ def test_moe_layer_on_cuda_equals_the_cpu_reference():
 ])
 def test_cached_decoding_equals_full_forward(options):
     cfg = tiny_model_cfg(ffn=dict(kind="moe", layers="odd", options=options))
-    model = TransformerLM(cfg).eval()
-    x = torch.randint(0, 97, (2, 20))
-    with torch.no_grad():
-        full = model(x).logits
-        model.setup_cache(2, 32)
-        steps = [model(x[:, :7], input_pos=torch.arange(7)).logits]
-        steps += [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(7, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_matches(TransformerLM(cfg), torch.randint(0, 97, (2, 20)), prefill=7)
 
 
 def test_fine_grained_active_flops_equal_the_dense_ffn():

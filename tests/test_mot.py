@@ -3,7 +3,7 @@ sparse, and batch-1 generation after it."""
 
 import pytest
 import torch
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.layers import MixtureOfTokens
 from condcomp.model import TransformerLM
@@ -81,13 +81,7 @@ def test_temperature_anneals_with_optimizer_steps():
 def test_transitioned_model_decodes_at_batch_1_like_its_full_forward():
     cfg = tiny_model_cfg(ffn=dict(kind="mot", layers="odd", options=dict(
         num_experts=4, group_size=4, routing="token_choice")))
-    model = TransformerLM(cfg).eval()
-    x = torch.randint(0, 97, (1, 20))
-    with torch.no_grad():
-        full = model(x).logits
-        model.setup_cache(1, 32)
-        steps = [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_matches(TransformerLM(cfg), torch.randint(0, 97, (1, 20)))
 
 
 def test_train_then_transition_then_generate(tmp_path, capsys):

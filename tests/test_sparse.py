@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model_cfg
+from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.errors import ConfigError
 from condcomp.layers import SparseFF, SparseQKV
@@ -102,15 +102,8 @@ def test_sparse_qkv_is_causal():
          attention=dict(kind="sparse_qkv")),
 ])
 def test_cached_decoding_equals_the_full_forward(kw):
-    model = TransformerLM(tiny_model_cfg(n_kv_heads=4, **kw)).eval()
-    x = torch.randint(0, 97, (2, 22))
-    with torch.no_grad():
-        full = model(x).logits
-        model.setup_cache(2, 32)
-        steps = [model(x[:, :6], input_pos=torch.arange(6)).logits]
-        steps += [model(x[:, t:t + 1], input_pos=torch.tensor([t])).logits for t in range(6, 22)]
-        model.clear_cache()
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    model = TransformerLM(tiny_model_cfg(n_kv_heads=4, **kw))
+    assert_cached_decoding_matches(model, torch.randint(0, 97, (2, 22)), prefill=6)
 
 
 def test_sparse_model_trains():
