@@ -374,3 +374,9 @@ def test_the_moe_hot_path_compiles_without_graph_breaks(options, monkeypatch):
     x = torch.randint(0, 97, (2, 16))
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_a_zero_capacity_factor_means_dropless_in_toml():
+    cfg = tiny_model_cfg(ffn=dict(kind="moe", options=dict(capacity_factor=0)))
+    cfg.validate()
+    assert TransformerLM(cfg).layers[0].block.ffn.capacity_factor is None

@@ -311,7 +311,7 @@ class MoEOptions:
     d_expert: int = 0  # 0: model.d_ff (each expert as wide as the dense FFN, as in Switch)
     routing: str = "token_choice"  # token_choice | expert_choice
     normalize_topk: bool = False
-    capacity_factor: float | None = None  # None: dropless
+    capacity_factor: float | None = None  # None (or 0, for TOML and --set): dropless
     no_token_left_behind: bool = False
     granularity: int = 0  # >0: fine-grained sugar (see below)
     expansion: int = 0  # with granularity: num_experts = expansion * granularity
@@ -327,15 +327,19 @@ class MoEOptions:
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
-        G-times more of them, G-times more chosen, so active FLOPs match the dense FFN."""
-        if self.granularity <= 0:
-            return self
+        G-times more of them, G-times more chosen, so active FLOPs match the dense FFN.
+        TOML has no null, so a capacity factor of 0 also means dropless."""
         import dataclasses
 
-        G = self.granularity
+        opts = self
+        if opts.capacity_factor == 0:
+            opts = dataclasses.replace(opts, capacity_factor=None)
+        if opts.granularity <= 0:
+            return opts
+        G = opts.granularity
         return dataclasses.replace(
-            self, num_experts=self.expansion * G, d_expert=cfg.ffn_hidden // G,
-            top_k=self.top_k * G, granularity=0, expansion=0)
+            opts, num_experts=opts.expansion * G, d_expert=cfg.ffn_hidden // G,
+            top_k=opts.top_k * G, granularity=0, expansion=0)
 
     def validate(self, cfg: ModelConfig) -> None:
         if self.granularity < 0 or self.expansion < 0:
