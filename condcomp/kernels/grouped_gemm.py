@@ -20,15 +20,20 @@ _ALIGN_ELEMS = 8
 
 def grouped_mm_reference(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor
                          ) -> torch.Tensor:
-    """Plain PyTorch: ``out[rows of e] = x[rows of e] @ w[e]`` for each expert, in a loop."""
-    out = x_MK.new_zeros(x_MK.shape[0], w_EKN.shape[-1])
+    """Plain PyTorch: ``out[rows of e] = x[rows of e] @ w[e]`` for each expert, in a loop.
+
+    ``split``/``unbind``/``cat`` rather than slicing and slice writes: their backward joins
+    the gradient pieces once, where per-expert slices would each materialise a full-size
+    zero gradient (O(E) full copies of the activations and of the expert weights).
+    """
     ends = offsets_E.tolist()  # a host sync: the reference path is for the CPU and for tests
-    start = 0
-    for e, end in enumerate(ends):
-        if end > start:
-            out[start:end] = x_MK[start:end] @ w_EKN[e].to(x_MK.dtype)
-        start = end
-    return out
+    counts = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    x_pieces = x_MK.split([*counts, x_MK.shape[0] - ends[-1]])
+    w_pieces = w_EKN.to(x_MK.dtype).unbind(0)
+    out = [x_pieces[e] @ w_pieces[e] for e in range(len(counts))]
+    # Rows past the last offset (dropped tokens) come out as zeros.
+    out.append(x_pieces[-1].new_zeros(x_pieces[-1].shape[0], w_EKN.shape[-1]))
+    return torch.cat(out)
 
 
 def _fast_path_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
