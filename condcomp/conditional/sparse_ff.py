@@ -71,6 +71,9 @@ class SparseFF(nn.Module):
         self.controller_up = nn.Parameter(torch.empty(d_lowrank, d_ff))
         self.controller_bias = nn.Parameter(torch.zeros(d_ff))
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        # The first unit of each block: chosen unit = offset + choice within the block.
+        self.register_buffer("block_offsets", torch.arange(self.n_blocks) * block_size,
+                             persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
         self.init_weights(0.02, 0.02)
 
@@ -137,11 +140,10 @@ class SparseFF(nn.Module):
 
     def forward_gathered(self, x_ND: torch.Tensor, choice_NK: torch.Tensor) -> torch.Tensor:
         """Only the chosen unit of each block: gather its row of W1 and of W2."""
-        offsets_K = torch.arange(self.n_blocks, device=x_ND.device) * self.block_size
-        units_NK = choice_NK + offsets_K
-        w1_NKD = self.w1[units_NK]
-        h_NK = F.relu(torch.einsum("nd,nkd->nk", x_ND, w1_NKD) + self.b1[units_NK])
-        return torch.einsum("nk,nkd->nd", h_NK, self.w2[units_NK]) + self.b2
+        units_NK = choice_NK + self.block_offsets
+        h_N1K = torch.bmm(x_ND.unsqueeze(1), self.w1[units_NK].transpose(1, 2))
+        h_N1K = F.relu(h_N1K + self.b1[units_NK].unsqueeze(1))
+        return torch.bmm(h_N1K, self.w2[units_NK]).squeeze(1) + self.b2
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "

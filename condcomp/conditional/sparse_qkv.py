@@ -50,20 +50,24 @@ class CausalModuleConv(nn.Module):
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(fan_in))
         nn.init.zeros_(self.bias)
 
-    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        """``taps[j]`` is the input j tokens back, ``[B, T, S, d_module]`` (zeros before the
-        start of the sequence)."""
-        half = self.module_kernel // 2
-        out = self.bias
-        for j, m_BTSM in enumerate(taps):
-            padded = nn.functional.pad(m_BTSM, (0, 0, half, half))  # zeros beyond the modules
-            S = m_BTSM.shape[2]
-            for o in range(self.module_kernel):
-                out = out + padded[:, :, o:o + S] @ self.weight[j, o]
-        return out
+    def flat_weight(self) -> torch.Tensor:
+        """``[length_kernel * module_kernel * d_in, d_out]``, rows in (tap, module offset,
+        channel) order: the layout of :func:`im2col`'s columns."""
+        return self.weight.reshape(-1, self.weight.shape[-1])
 
     def flops_per_token(self, n_modules: int) -> float:
         return 2.0 * self.weight.numel() * n_modules
+
+
+def im2col(taps_BTJSM: torch.Tensor, module_kernel: int) -> torch.Tensor:
+    """The convolution's inputs for every (token, module) as one row, so the whole convolution
+    is one matmul: ``[B, T, S, J * module_kernel * d_module]`` from the length taps
+    ``[B, T, J, S, d_module]`` (module neighbours outside the layer are zeros)."""
+    half = module_kernel // 2
+    padded = nn.functional.pad(taps_BTJSM, (0, 0, half, half))  # along the modules
+    windows = padded.unfold(3, module_kernel, 1)  # [B, T, J, S, M, module_kernel]
+    B, T, J, S, M, K = windows.shape
+    return windows.permute(0, 1, 3, 2, 5, 4).reshape(B, T, S, J * K * M)
 
 
 class SparseQKV(nn.Module):
@@ -95,26 +99,30 @@ class SparseQKV(nn.Module):
                          self.proj.to(x_BTD.dtype))
         return y + self.bias.view(self.n_heads, self.head_dim)
 
-    def _taps(self, m_BTSM: torch.Tensor, positions: Positions) -> list[torch.Tensor]:
-        """The multiplicative output 0, 1, ..., kernel-1 tokens back."""
+    def _taps(self, m_BTSM: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """``[B, T, J, S, d_module]``: the multiplicative output 0, 1, ..., J-1 tokens back
+        (zeros before the sequence starts)."""
+        J, T = self.length_kernel, m_BTSM.shape[1]
         if self.history is None or not positions.decoding:
-            return [nn.functional.pad(m_BTSM, (0, 0, 0, 0, j, 0))[:, :m_BTSM.shape[1]]
-                    for j in range(self.length_kernel)]
-        pos_BT = positions.pos_BT.expand(m_BTSM.shape[0], -1)
-        batch_BT = torch.arange(pos_BT.shape[0], device=pos_BT.device).unsqueeze(1)
-        self.history[batch_BT, pos_BT] = m_BTSM.to(self.history.dtype)
-        taps = []
-        for j in range(self.length_kernel):
-            back_BT = pos_BT - j
-            tap = self.history[batch_BT, back_BT.clamp_min(0)].to(m_BTSM.dtype)
-            taps.append(tap * (back_BT >= 0).unsqueeze(-1).unsqueeze(-1).to(tap.dtype))
-        return taps
+            padded = nn.functional.pad(m_BTSM, (0, 0, 0, 0, J - 1, 0))
+            return torch.stack([padded[:, J - 1 - j:J - 1 - j + T] for j in range(J)], dim=2)
+        # The history keeps J - 1 zero slots before position 0, so no tap needs a mask; every
+        # sequence decodes the same positions (this layer refuses token-routing wrappers).
+        pos_T = positions.pos_BT[0] + (J - 1)
+        self.history.index_copy_(1, pos_T, m_BTSM.to(self.history.dtype))
+        back_TJ = pos_T.unsqueeze(1) - torch.arange(J, device=pos_T.device)
+        taps = self.history.index_select(1, back_TJ.reshape(-1))
+        return taps.view(m_BTSM.shape[0], T, J, *m_BTSM.shape[2:]).to(m_BTSM.dtype)
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m_BTSM = self.multiplicative(x_BTD)
-        taps = self._taps(m_BTSM, positions)
-        return self.conv_q(taps), self.conv_k(taps), m_BTSM
+        cols = im2col(self._taps(m_BTSM, positions), self.conv_q.module_kernel)
+        # Q's and K's convolutions read the same columns: one matmul for both.
+        weight = torch.cat((self.conv_q.flat_weight(), self.conv_k.flat_weight()), dim=1)
+        bias = torch.cat((self.conv_q.bias, self.conv_k.bias))
+        q, k = (cols @ weight.to(cols.dtype) + bias.to(cols.dtype)).chunk(2, dim=-1)
+        return q, k, m_BTSM
 
     def flops_per_token(self) -> float:
         mult = 2.0 * self.d_model * self.n_heads * self.head_dim + self.gate.numel()
@@ -122,8 +130,8 @@ class SparseQKV(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
                     device: torch.device) -> None:
-        self.history = torch.zeros(batch_size, max_len, self.n_heads, self.head_dim,
-                                   dtype=dtype, device=device)
+        self.history = torch.zeros(batch_size, max_len + self.length_kernel - 1, self.n_heads,
+                                   self.head_dim, dtype=dtype, device=device)
 
     def clear_cache(self) -> None:
         self.history = None
