@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
+    p.add_argument("--hf-impls", default="all",
+                   help="comma list of HF experts_implementation to time (default: all HF has; "
+                   "batched_mm materialises per-token expert weights and is very slow on CPU)")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=run)
     return p
@@ -137,7 +140,10 @@ def _bench_hf(moe: MoE, e: int, k: int, x, grad, args, amp, tokens, flops, dense
     from condcomp.hf import hf_experts_implementations, to_hf_mixtral_block
 
     rows = []
+    wanted = None if args.hf_impls == "all" else set(args.hf_impls.split(","))
     for impl in hf_experts_implementations():
+        if wanted is not None and impl not in wanted:
+            continue
         block = to_hf_mixtral_block(moe, impl).train()
         try:
             hf_s = time_fwd_bwd(maybe_compile(block), x, grad, args.steps, args.warmup, amp)
