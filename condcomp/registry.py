@@ -13,7 +13,6 @@ block, the model or the train loop: they look the family up here by the config's
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +146,3 @@ def describe(model_cfg: ModelConfig) -> str:
             where = "" if seam_cfg.layers == "all" else f" on {seam_cfg.layers} layers"
             parts.append(f"{seam_cfg.kind}{where}")
     return ", ".join(parts) or "dense"
-
-
-def options_dict(options: Any) -> dict[str, Any]:
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

@@ -201,3 +201,10 @@ def test_generate_keeps_its_cache_and_training_ignores_it():
     with_cache = model(x).logits
     model.clear_cache()
     torch.testing.assert_close(with_cache, model(x).logits)
+
+
+def test_every_family_is_registered_at_its_seam():
+    assert {"mlp", "moe", "mot", "sparse_ff"} <= set(registry.families("ffn"))
+    assert {"dense", "sparse_qkv"} <= set(registry.families("attention"))
+    assert {"full", "mod"} <= set(registry.families("wrapper"))
+    assert {"plain", "altup"} <= set(registry.families("residual"))
