@@ -115,3 +115,10 @@ def test_train_then_transition_then_generate(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "sparse"), "--prompt", "the course",
                  "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.startswith("the course")
+
+
+def test_active_params_after_the_transition_are_one_expert():
+    continuous = layer()
+    sparse = layer(routing="token_choice")
+    assert continuous.active_params() == sum(p.numel() for p in continuous.parameters())
+    assert sparse.active_params() == 16 * 4 + 3 * 16 * 24

@@ -89,6 +89,14 @@ class MixtureOfTokens(nn.Module):
         mix = 2 * 2.0 * self.num_experts * self.d_model
         return controller + mix + self.num_experts * expert / self.group_size
 
+    def active_params(self) -> int:
+        """Continuous: every expert works on every group, so all of them; after the transition
+        to sparse, the controller and one expert."""
+        total = sum(p.numel() for p in self.parameters())
+        if self.routing == "continuous":
+            return total
+        return self.controller.numel() + self.experts.params_per_expert()
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
