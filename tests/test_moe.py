@@ -211,7 +211,8 @@ def test_gathered_path_equals_sorted_path():
         gathered = moe(x)
         probs = torch.softmax(moe.router(x.reshape(-1, 16)).float(), -1)
         choice = routing.token_choice(probs, 2)
-        sorted_out = moe._sorted_dispatch(x.reshape(-1, 16), choice)
+        sorted_out = moe.experts.forward_dispatched(x.reshape(-1, 16), choice.expert_ids_TK,
+                                                    choice.kept_TK)
         combined = (sorted_out * choice.weights_TK.unsqueeze(-1)).sum(1)
     torch.testing.assert_close(gathered.reshape(-1, 16), combined, atol=1e-5, rtol=1e-5)
 

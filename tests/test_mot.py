@@ -122,3 +122,12 @@ def test_active_params_after_the_transition_are_one_expert():
     sparse = layer(routing="token_choice")
     assert continuous.active_params() == sum(p.numel() for p in continuous.parameters())
     assert sparse.active_params() == 16 * 4 + 3 * 16 * 24
+
+
+def test_transitioned_routing_is_the_same_on_the_sorted_and_gathered_paths():
+    mot = layer(routing="token_choice")
+    x = torch.randn(2, 12, 16)  # 24 tokens: the sorted (training) path
+    with torch.no_grad():
+        batched = mot(x)
+        one_by_one = torch.cat([mot(x[:, t:t + 1]) for t in range(12)], dim=1)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)

@@ -59,6 +59,26 @@ class GroupedExperts(nn.Module):
         up = grouped_mm(x_MD, self.w3, offsets_E) if self.w3 is not None else None
         return grouped_mm(self._hidden(gate, up), self.w2, offsets_E)
 
+    def forward_dispatched(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                           kept_TK: torch.Tensor) -> torch.Tensor:
+        """Token choice through the grouped GEMMs: permute the (token, slot) pairs so each
+        expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute to
+        ``[T, k, D]``. Slots not kept sort to the end (a virtual expert E), outside every
+        group, and come back as zeros."""
+        from condcomp.conditional.routing import count_per_expert
+
+        T, K = expert_ids_TK.shape
+        E = self.num_experts
+        ids_N = torch.where(kept_TK, expert_ids_TK, E).reshape(-1)
+        order_N = torch.argsort(ids_N, stable=True)
+        offsets_E = torch.cumsum(count_per_expert(ids_N, E + 1)[:E], 0)
+        out_ND = self.forward_sorted(x_TD[order_N // K], offsets_E)
+        # Un-permute by writing each row back to its (token, slot) place: a gather by the
+        # inverse permutation, deterministic (no atomics), unlike index_add.
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        return out_ND[inverse_N].view(T, K, -1)
+
     def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
         """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""
         x_N1D = x_ND.unsqueeze(1)

@@ -215,7 +215,7 @@ class MoE(nn.Module):
                 x_TD.repeat_interleave(k, dim=0), choice.expert_ids_TK.reshape(-1))
             out_TKD = out_NK.view(T, k, -1)
         else:
-            out_TKD = self._sorted_dispatch(x_TD, choice)
+            out_TKD = self.experts.forward_dispatched(x_TD, choice.expert_ids_TK, choice.kept_TK)
         y_TD = (out_TKD * choice.weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
         with torch.no_grad():
@@ -226,24 +226,6 @@ class MoE(nn.Module):
             # Dropped: slots lost to capacity (a slot sent to a no-op expert is not dropped).
             dropped = 1.0 - (kept_N.sum() + noop) / n_slots
         return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots)
-
-    def _sorted_dispatch(self, x_TD: torch.Tensor, choice: routing.TokenChoice) -> torch.Tensor:
-        """Permute the (token, slot) pairs so each expert's rows are contiguous, run the
-        experts as grouped GEMMs, and un-permute to ``[T, k, D]``. Dropped slots sort to the end
-        (a virtual expert E), outside every group, and come back as zeros."""
-        T, K = choice.expert_ids_TK.shape
-        E = self.num_experts
-        ids_N = torch.where(choice.kept_TK, choice.expert_ids_TK, E).reshape(-1)
-        order_N = torch.argsort(ids_N, stable=True)
-        counts_E = routing.count_per_expert(ids_N, E + 1)[:E]
-        offsets_E = torch.cumsum(counts_E, 0)
-        token_of_N = order_N // K
-        out_ND = self.experts.forward_sorted(x_TD[token_of_N], offsets_E)
-        # Un-permute by writing each row back to its (token, slot) place: a gather by the
-        # inverse permutation, deterministic (no atomics), unlike index_add.
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return out_ND[inverse_N].view(T, K, -1)
 
     def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
                        valid_T: torch.Tensor | None) -> _Dispatched:

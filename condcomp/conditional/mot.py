@@ -35,6 +35,7 @@ from torch import nn
 
 from condcomp import registry
 from condcomp.conditional.experts import GroupedExperts
+from condcomp.conditional.moe import GATHER_MAX_SLOTS
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 
@@ -133,7 +134,11 @@ class MixtureOfTokens(nn.Module):
         probs_NE = torch.softmax((x_ND @ self.controller.to(x_ND.dtype)).float()
                                  / self.temperature(), dim=-1)
         weight_N, expert_N = probs_NE.max(dim=-1)
-        out_ND = self.experts.forward_gathered(x_ND, expert_N)
+        if x_ND.shape[0] <= GATHER_MAX_SLOTS:  # decoding: move one expert's weights
+            out_ND = self.experts.forward_gathered(x_ND, expert_N)
+        else:
+            kept = torch.ones_like(expert_N, dtype=torch.bool).unsqueeze(1)
+            out_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1), kept)[:, 0]
         with torch.no_grad():
             load = F.one_hot(expert_N, self.num_experts).float().mean(0)
             self.stats = {"tokens_per_expert": load, "temperature": self.temperature()}
