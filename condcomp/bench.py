@@ -99,11 +99,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
     # Layer-level benchmarks: `condcomp bench moe ...`, `condcomp bench decode ...`.
-    from condcomp import bench_decode, bench_moe
+    from condcomp import bench_decode, bench_models, bench_moe
 
-    targets = p.add_subparsers(dest="target", metavar="{moe,decode}")
+    targets = p.add_subparsers(dest="target", metavar="{moe,decode,models}")
     bench_moe.add_parser(targets)
     bench_decode.add_parser(targets)
+    bench_models.add_parser(targets)
     return p
 
 
@@ -522,6 +523,12 @@ def bench_decode(models: dict[str, torch.nn.Module], prompt: list[int], plan: Pl
     that a load change on a shared machine hits both alike."""
     makers = {OURS: decode_runner_ours, PEER: decode_runner_hf}
     runners = {name: makers[name](model, prompt, plan) for name, model in models.items()}
+    return time_generations(runners, LABELS, plan, log)
+
+
+def time_generations(runners: dict[str, Runner], labels: dict[str, str], plan: Plan,
+                     log: Callable[[str], None] = print) -> dict[str, DecodeResult]:
+    """One untimed generation per runner, then ``plan.decode_repeats`` timed rounds in turn."""
     for runner in runners.values():
         runner()
     runs: dict[str, list[float]] = {name: [] for name in runners}
@@ -531,7 +538,7 @@ def bench_decode(models: dict[str, torch.nn.Module], prompt: list[int], plan: Pl
         for name, runner in runners.items():
             tokens[name], stamps = runner()
             if len(tokens[name]) != plan.decode_tokens or len(stamps) != plan.decode_tokens:
-                raise RuntimeError(f"{LABELS[name]} generated {len(tokens[name])} tokens, not "
+                raise RuntimeError(f"{labels[name]} generated {len(tokens[name])} tokens, not "
                                    f"{plan.decode_tokens}")
             runs[name].append(_tokens_per_s(stamps))
             steady[name].append(_steady_tokens_per_s(stamps))
@@ -539,11 +546,11 @@ def bench_decode(models: dict[str, torch.nn.Module], prompt: list[int], plan: Pl
                                   statistics.median(steady[name]), plan.decode_tokens,
                                   tokens[name]) for name in runners}
     for name, r in results.items():
-        log(f"  {LABELS[name]}: {r.tokens_per_s:,.1f} tokens/s "
+        log(f"  {labels[name]}: {r.tokens_per_s:,.1f} tokens/s "
             f"(runs: {', '.join(f'{x:,.1f}' for x in r.tokens_per_s_runs)}; "
             f"steady {r.steady_tokens_per_s:,.1f})")
         if r.steady_tokens_per_s > 1.25 * r.tokens_per_s:
-            log(f"  warning: {LABELS[name]} had slow one-off steps inside the timed decode "
+            log(f"  warning: {labels[name]} had slow one-off steps inside the timed decode "
                 "(recompilation? CUDA-graph re-recording?): steady speed is "
                 f"{r.steady_tokens_per_s / r.tokens_per_s:.2f}x the end-to-end one")
     return results
@@ -576,6 +583,17 @@ def _si(x: float | None, unit: str = "") -> str:
     return f"{x:.2f}{unit}"
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """Aligned markdown table text."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A markdown table of the figures, with a ratio row ours/HF."""
     head = ["model", "params", "active params", "FLOPs/token", "train tok/s", "TFLOP/s", "MFU",
@@ -598,18 +616,12 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(["ours / HF", "", "", "", f"{train_r:.2f}x" if train_r else "-",
                      f"{train_r:.2f}x" if train_r else "-", "", "",
                      f"{decode_r:.2f}x" if decode_r else "-"])
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     shapes = result["shapes"]
     caption = (f"{result['device']['name']}, torch {result['device']['torch']}, {result['dtype']}"
                f"{', compiled' if result['compile'] else ''}; train batch {shapes['batch_size']} x "
                f"{shapes['seq_len']}; decode batch 1, {shapes['decode_tokens']} tokens after "
                f"{shapes['prompt_len']}")
-    lines = [caption, "", line(head), sep, *(line(r) for r in rows)]
+    lines = [caption, "", markdown_table(head, rows)]
     checks = result["checks"]
     if "first_step_loss" in checks:
         c = checks["first_step_loss"]

@@ -1,0 +1,207 @@
+"""``condcomp bench models``: training step and batch-1 decode of several presets, side by side
+in one process, each against the first (the baseline).
+
+This is the measurement behind the step-time goals of the conditional families: Mixture-of-
+Depths against the dense model of the same shape, AltUp K = 2 against the width-d model, Mixture
+of Tokens against the equal-FLOP dense model. Every preset gets the same ``--set`` overrides
+(so one flag resizes them all alike), the same random batches, precision and compile mode, and
+the same measurement as ``condcomp bench`` (:func:`condcomp.bench.bench_train`: the median of
+the timed steps of forward + backward + AdamW; decode: greedy, batch 1, from the first new
+token to the last, the models taking turns).
+
+Besides the speed-up, the table gives each model's analytic ``flops_per_token`` as a ratio to
+the baseline's, so that the FLOPs a family claims to save can be set against the time it saves.
+For models whose decode routing is data dependent (Mixture-of-Depths) the table also gives the
+share of tokens the routed blocks took while decoding: an untrained router decides about half
+the tokens in, a trained one about its capacity, and the decode speed follows that share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condcomp import bench
+from condcomp.errors import ConfigError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "models", help="train step and decode of several presets side by side, against the "
+        "first", description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", required=True,
+                   help="comma list of TOML presets; the first is the baseline, e.g. "
+                   "configs/dense_small.toml,configs/mod.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every preset, e.g. --set model.d_model=1024")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"default: model.vocab_size if set, else {bench.DEFAULT_VOCAB}")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
+    p.add_argument("--steps", type=int, default=10, help="timed train steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step of every model (decode stays eager: "
+                   "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
+                   "and every model is decoded the same way)")
+    p.add_argument("--what", default="train,decode", help="comma list of: train, decode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=run)
+    return p
+
+
+def make_plans(args: argparse.Namespace) -> dict[str, bench.Plan]:
+    """One :class:`condcomp.bench.Plan` per preset, keyed by the preset's name."""
+    paths = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if len(paths) < 2:
+        raise ConfigError("--configs needs at least two presets: the baseline first, then the "
+                          "models to set against it")
+    plans: dict[str, bench.Plan] = {}
+    for path in paths:
+        one = argparse.Namespace(**{**vars(args), "config": path, "peer": "none"})
+        plan = bench.make_plan(one)
+        name = plan.cfg.name or Path(path).stem
+        while name in plans:
+            name += "'"
+        plans[name] = plan
+    base = next(iter(plans.values()))
+    for name, plan in plans.items():
+        if (plan.batch_size, plan.seq_len) != (base.batch_size, base.seq_len):
+            raise ConfigError(f"{name} trains on {plan.batch_size} x {plan.seq_len} tokens and "
+                              f"the baseline on {base.batch_size} x {base.seq_len}; set "
+                              "--batch-size and --seq-len so that they match")
+    return plans
+
+
+def run(args: argparse.Namespace) -> int:
+    plans = make_plans(args)
+    result = benchmark(plans, log=print)
+    result["argv"] = ["condcomp", *sys.argv[1:]]
+    print()
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {path}")
+    return 0
+
+
+def benchmark(plans: dict[str, bench.Plan], log=print) -> dict[str, Any]:
+    from condcomp.model import TransformerLM
+
+    base_name, base = next(iter(plans.items()))
+    models = {}
+    for name, plan in plans.items():
+        torch.manual_seed(plan.seed)
+        models[name] = TransformerLM(plan.cfg.model)
+    result: dict[str, Any] = {
+        "device": bench.environment(base.device), "dtype": base.dtype_name,
+        "compile": base.compile, "baseline": base_name,
+        "shapes": {"batch_size": base.batch_size, "seq_len": base.seq_len,
+                   "prompt_len": base.prompt_len, "decode_tokens": base.decode_tokens},
+        "models": {name: {"config": plans[name].cfg.to_dict(),
+                          "params": m.num_params(), "active_params": m.num_params(active_only=True),
+                          "flops_per_token": m.flops_per_token(base.seq_len)}
+                   for name, m in models.items()},
+    }
+    log(f"bench models: {result['device']['name']}, torch {torch.__version__}, "
+        f"{base.dtype_name}{', compiled training' if base.compile else ''}; baseline {base_name}")
+    # Decode first: a trained module keeps its last step's statistics, which hold autograd
+    # graphs that the decode copy could not deepcopy.
+    if "decode" in base.what:
+        measure_decode(models, plans, result, log)
+    if "train" in base.what:
+        batches = bench.make_batches(base)  # the same batches for every model
+        for name, model in models.items():
+            log(f"train: {name}, batch {base.batch_size} x {base.seq_len}, {base.warmup} warmup "
+                f"+ {base.steps} timed steps")
+            t = bench.bench_train(model, bench.loss_ours, batches, plans[name], model)
+            result["models"][name]["train"] = asdict(t)
+            log(f"  {t.tokens_per_s:,.0f} tokens/s, {t.step_s_median * 1e3:.1f} ms/step")
+    base_row = result["models"][base_name]
+    for row in result["models"].values():
+        row["flops_ratio"] = row["flops_per_token"] / base_row["flops_per_token"]
+        if "train" in row:
+            row["train_speedup"] = base_row["train"]["step_s_median"] / row["train"]["step_s_median"]
+        if "decode" in row:
+            row["decode_speedup"] = row["decode"]["tokens_per_s"] / base_row["decode"]["tokens_per_s"]
+    return result
+
+
+def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Plan],
+                   result: dict[str, Any], log) -> None:
+    base = next(iter(plans.values()))
+    prompt = torch.randint(0, base.cfg.model.vocab_size, (base.prompt_len,),
+                           generator=torch.Generator().manual_seed(base.seed)).tolist()
+    log(f"decode: batch 1, {base.decode_tokens} tokens after a {base.prompt_len}-token prompt, "
+        f"{base.decode_repeats} timed rounds, eager")
+    eager = {name: _uncompiled(plan) for name, plan in plans.items()}
+    runners = {name: bench.decode_runner_ours(model, prompt, eager[name])
+               for name, model in models.items()}
+    decoded = bench.time_generations(runners, {n: n for n in runners}, base, log)
+    for name, d in decoded.items():
+        row = result["models"][name]
+        row["decode"] = asdict(d)
+        share = decode_routed_share(models[name], prompt + d.tokens, eager[name])
+        if share is not None:
+            row["decode"]["routed_share"] = share
+            log(f"  {name}: routed blocks took {share:.1%} of the decoded tokens")
+
+
+def _uncompiled(plan: bench.Plan) -> bench.Plan:
+    plan = copy.copy(plan)
+    plan.compile = False
+    return plan
+
+
+@torch.no_grad()
+def decode_routed_share(model: torch.nn.Module, tokens: list[int], plan: bench.Plan
+                        ) -> float | None:
+    """The share of tokens that routed blocks took, with decode-time (causal, per-token) routing:
+    eval mode routes each token alone, so one forward over the generated sequence makes the
+    decisions decoding made. ``None`` for a model without data-dependent routing."""
+    m = bench.decode_copy(model, plan)
+    m(torch.tensor([tokens], device=plan.device))
+    shares = [float(mod.stats["routed_fraction"]) for mod in m.modules()
+              if isinstance(getattr(mod, "stats", None), dict) and "routed_fraction" in mod.stats]
+    return sum(shares) / len(shares) if shares else None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = ["model", "params", "active params", "FLOPs/token", "FLOPs vs base", "train tok/s",
+            "step speed-up", "MFU", "peak mem", "decode tok/s", "decode speed-up"]
+    rows = []
+    for name, m in result["models"].items():
+        t, d = m.get("train"), m.get("decode")
+        decode = f"{d['tokens_per_s']:,.1f}" if d else "-"
+        if d and "routed_share" in d:
+            decode += f" ({d['routed_share']:.0%} routed)"
+        rows.append([
+            name, bench._si(m["params"]), bench._si(m["active_params"]),
+            bench._si(m["flops_per_token"]), f"{m['flops_ratio']:.2f}",
+            f"{t['tokens_per_s']:,.0f}" if t else "-",
+            f"{m['train_speedup']:.2f}x" if t else "-",
+            f"{t['mfu']:.1%}" if t and t["mfu"] is not None else "-",
+            f"{t['peak_mem_gb']:.2f} GB" if t and t["peak_mem_gb"] is not None else "-",
+            decode, f"{m['decode_speedup']:.2f}x" if d else "-"])
+    shapes = result["shapes"]
+    caption = (f"{result['device']['name']}, torch {result['device']['torch']}, {result['dtype']}"
+               f"{', compiled training' if result['compile'] else ''}; train batch "
+               f"{shapes['batch_size']} x {shapes['seq_len']}; decode batch 1, eager, "
+               f"{shapes['decode_tokens']} tokens after {shapes['prompt_len']}; speed-ups "
+               f"against {result['baseline']}")
+    return caption + "\n\n" + bench.markdown_table(head, rows)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU half of condcomp's checks: the CUDA tests (fast paths against their references) and
+# the benchmarks whose figures docs/benchmarks.md records. Each section runs under its own
+# time limit, so one failure does not hide the others; figures go to $OUT (default runs/gpu).
+#   scripts/gpu_checks.sh tests moe decode models dense models-compiled
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+cc() { "$PY" -m condcomp "$@"; }
+section() { echo; echo "=== $1 ($(date +%T))"; }
+
+# MoD / AltUp / MoT against the dense model of the same shape: a 16-layer d_model 1024 model
+# on 16 x 2048 tokens (Llama-2's vocabulary size).
+SHAPE=(--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16
+       --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000
+       --batch-size 16 --seq-len 2048)
+FAMILIES=configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml
+
+for what in "$@"; do
+  case $what in
+    tests)
+      section "CUDA tests"
+      timeout 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tail -40 ;;
+    moe)
+      section "bench moe"
+      timeout 200 cc bench moe --device cuda --hf-impls eager,grouped_mm --json "$OUT/moe.json" ;;
+    moe-compiled)
+      section "bench moe, compiled"
+      timeout 300 cc bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
+    decode)
+      section "bench decode"
+      timeout 200 cc bench decode --device cuda --json "$OUT/decode.json" ;;
+    models)
+      section "bench models, eager"
+      timeout 250 cc bench models --configs $FAMILIES "${SHAPE[@]}" --steps 8 --warmup 2 \
+        --json "$OUT/models.json" ;;
+    models-compiled)
+      section "bench models, compiled training"
+      timeout 400 cc bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
+        --compile --what train --json "$OUT/models_compiled.json" ;;
+    dense)
+      section "bench dense vs HF Llama, compiled"
+      timeout 400 cc bench --config configs/gpt_125m.toml --device cuda --compile \
+        --json "$OUT/dense.json" ;;
+    *) echo "unknown section $what" ;;
+  esac
+done
+echo; echo "=== done ($(date +%T))"
