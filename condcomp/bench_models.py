@@ -56,6 +56,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="torch.compile the training step of every model (decode stays eager: "
                    "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
                    "and every model is decoded the same way)")
+    p.add_argument("--train-routers", type=int, default=0, metavar="STEPS",
+                   help="before decoding, train the decode routers (Mixture-of-Depths' router "
+                   "or predictor) for STEPS steps on their own routing loss alone, so that "
+                   "decode routes the share a trained model routes rather than an untrained "
+                   "router's (about half); the LM weights are untouched (default 0)")
     p.add_argument("--what", default="train,decode", help="comma list of: train, decode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH")
@@ -88,7 +93,9 @@ def make_plans(args: argparse.Namespace) -> dict[str, bench.Plan]:
 
 def run(args: argparse.Namespace) -> int:
     plans = make_plans(args)
-    result = benchmark(plans, log=print)
+    if args.train_routers < 0:
+        raise ConfigError("--train-routers must not be negative")
+    result = benchmark(plans, log=print, router_steps=args.train_routers)
     result["argv"] = ["condcomp", *sys.argv[1:]]
     print()
     print(format_table(result))
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def benchmark(plans: dict[str, bench.Plan], log=print) -> dict[str, Any]:
+def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0) -> dict[str, Any]:
     from condcomp.model import TransformerLM
 
     base_name, base = next(iter(plans.items()))
@@ -123,7 +130,7 @@ def benchmark(plans: dict[str, bench.Plan], log=print) -> dict[str, Any]:
     # Decode first: a trained module keeps its last step's statistics, which hold autograd
     # graphs that the decode copy could not deepcopy.
     if "decode" in base.what:
-        measure_decode(models, plans, result, log)
+        measure_decode(models, plans, result, log, router_steps)
     if "train" in base.what:
         batches = bench.make_batches(base)  # the same batches for every model
         for name, model in models.items():
@@ -143,13 +150,17 @@ def benchmark(plans: dict[str, bench.Plan], log=print) -> dict[str, Any]:
 
 
 def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Plan],
-                   result: dict[str, Any], log) -> None:
+                   result: dict[str, Any], log, router_steps: int = 0) -> None:
     base = next(iter(plans.values()))
     prompt = torch.randint(0, base.cfg.model.vocab_size, (base.prompt_len,),
                            generator=torch.Generator().manual_seed(base.seed)).tolist()
     log(f"decode: batch 1, {base.decode_tokens} tokens after a {base.prompt_len}-token prompt, "
         f"{base.decode_repeats} timed rounds, eager")
     eager = {name: _uncompiled(plan) for name, plan in plans.items()}
+    if router_steps:
+        for name, model in models.items():
+            if train_routers(model, eager[name], router_steps):
+                log(f"  {name}: trained its decode routers for {router_steps} steps")
     runners = {name: bench.decode_runner_ours(model, prompt, eager[name])
                for name, model in models.items()}
     decoded = bench.time_generations(runners, {n: n for n in runners}, base, log)
@@ -160,6 +171,46 @@ def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Pl
         if share is not None:
             row["decode"]["routed_share"] = share
             log(f"  {name}: routed blocks took {share:.1%} of the decoded tokens")
+
+
+def train_routers(model: torch.nn.Module, plan: bench.Plan, steps: int) -> bool:
+    """Train only the Mixture-of-Depths routers (and predictors) of ``model``, on random
+    sequences, by the routing loss alone: BCE against each sequence's top-k membership (Raposo
+    et al. sec. 3.5), which is what teaches the causal decode decision its share. Returns
+    whether the model had any such router."""
+    from condcomp.conditional.mod import MixtureOfDepths
+
+    routers = [m for m in model.modules() if isinstance(m, MixtureOfDepths)]
+    if not routers:
+        return False
+    params = [p for m in routers for p in
+              [*m.router.parameters(), *(m.predictor.parameters() if m.predictor else [])]]
+    wanted = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in wanted and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(plan.seed + 2)
+    try:
+        with bench.on_device(model, plan.device):
+            model.train()
+            opt = torch.optim.Adam(params, lr=1e-2)
+            for _ in range(steps):
+                x_BT = torch.randint(0, plan.cfg.model.vocab_size,
+                                     (min(plan.batch_size, 4), plan.seq_len), generator=g)
+                with bench.autocast(plan.device, plan.amp_dtype):
+                    out = model(x_BT.to(plan.device))
+                # The routing losses alone (there are no targets, so no LM loss).
+                loss = sum(m.aux_loss for m in routers)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for m in routers:
+                m.aux_loss = m.aux_loss.detach()  # let the decode copy deepcopy the model
+            del out
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return True
 
 
 def _uncompiled(plan: bench.Plan) -> bench.Plan:

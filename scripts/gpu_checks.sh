@@ -8,7 +8,7 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
-cc() { "$PY" -m condcomp "$@"; }
+cc=("$PY" -m condcomp)
 section() { echo; echo "=== $1 ($(date +%T))"; }
 
 # MoD / AltUp / MoT against the dense model of the same shape: a 16-layer d_model 1024 model
@@ -22,27 +22,32 @@ for what in "$@"; do
   case $what in
     tests)
       section "CUDA tests"
-      timeout 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tail -40 ;;
+      timeout 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests > "$OUT/cuda_tests.txt" 2>&1
+      tail -30 "$OUT/cuda_tests.txt" ;;
     moe)
       section "bench moe"
-      timeout 200 cc bench moe --device cuda --hf-impls eager,grouped_mm --json "$OUT/moe.json" ;;
+      timeout 200 "${cc[@]}" bench moe --device cuda --hf-impls eager,grouped_mm --json "$OUT/moe.json" ;;
     moe-compiled)
       section "bench moe, compiled"
-      timeout 300 cc bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
+      timeout 300 "${cc[@]}" bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
+    moe-profile)
+      section "MoE profile"
+      timeout 120 "$PY" scripts/profile_moe.py 8:1 64:8 > "$OUT/moe_profile.txt" 2>&1
+      grep -A12 "===" "$OUT/moe_profile.txt" ;;
     decode)
       section "bench decode"
-      timeout 200 cc bench decode --device cuda --json "$OUT/decode.json" ;;
+      timeout 200 "${cc[@]}" bench decode --device cuda --json "$OUT/decode.json" ;;
     models)
       section "bench models, eager"
-      timeout 250 cc bench models --configs $FAMILIES "${SHAPE[@]}" --steps 8 --warmup 2 \
-        --json "$OUT/models.json" ;;
+      timeout 250 "${cc[@]}" bench models --configs $FAMILIES "${SHAPE[@]}" --steps 8 --warmup 2 \
+        --train-routers 100 --json "$OUT/models.json" ;;
     models-compiled)
       section "bench models, compiled training"
-      timeout 400 cc bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
+      timeout 300 "${cc[@]}" bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
         --compile --what train --json "$OUT/models_compiled.json" ;;
     dense)
       section "bench dense vs HF Llama, compiled"
-      timeout 400 cc bench --config configs/gpt_125m.toml --device cuda --compile \
+      timeout 400 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
         --json "$OUT/dense.json" ;;
     *) echo "unknown section $what" ;;
   esac

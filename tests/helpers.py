@@ -27,8 +27,8 @@ def assert_cached_decoding_matches(model, tokens_BT, prefill: int = 0, atol: flo
         model.setup_cache(B, T + 8)
         steps = []
         if prefill:
-            steps.append(model(tokens_BT[:, :prefill], input_pos=torch.arange(prefill)).logits)
-        steps += [model(tokens_BT[:, t:t + 1], input_pos=torch.tensor([t])).logits
+            steps.append(model(tokens_BT[:, :prefill], input_pos=torch.arange(prefill, device=tokens_BT.device)).logits)
+        steps += [model(tokens_BT[:, t:t + 1], input_pos=torch.tensor([t], device=tokens_BT.device)).logits
                   for t in range(prefill, T)]
         model.clear_cache()
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=atol, rtol=atol)

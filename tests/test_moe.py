@@ -252,10 +252,12 @@ def test_grouped_mm_fast_path_equals_reference_forward_and_backward():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_moe_layer_on_cuda_equals_the_cpu_reference():
+@pytest.mark.parametrize("options", [dict(top_k=2), dict(top_k=1, capacity_factor=1.0)])
+def test_moe_layer_on_cuda_equals_the_cpu_reference(options):
+    # Dropless, and with capacity (dropped slots ride in the last expert's group as zeros).
     torch.manual_seed(0)
-    cpu = make_moe(d_model=64, d_expert=128, num_experts=8, top_k=2).train()
-    gpu = make_moe(d_model=64, d_expert=128, num_experts=8, top_k=2).cuda().train()
+    cpu = make_moe(d_model=64, d_expert=128, num_experts=8, **options).train()
+    gpu = make_moe(d_model=64, d_expert=128, num_experts=8, **options).cuda().train()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(4, 64, 64)
     y_cpu = cpu(x)
@@ -350,7 +352,7 @@ def test_moe_model_trains_and_logs_routing_statistics(tmp_path):
     assert moe.selection_bias.abs().sum() > 0  # the aux-loss-free bias moved and was saved
 
 
-def _sync_free_grouped_mm(x_MK, w_EKN, offsets_E):
+def _sync_free_grouped_mm(x_MK, w_EKN, offsets_E, all_rows=False):
     """A stand-in for the CUDA grouped GEMM with no host sync (gathers each row's weights)."""
     rows = torch.arange(x_MK.shape[0])
     expert_M = torch.searchsorted(offsets_E, rows, right=True)

@@ -195,6 +195,10 @@ class MoE(nn.Module):
         balance = routing.load_balance_loss(probs_TE, choice.expert_ids_TK, valid_T)
         choice_load = routing.count_per_expert(choice.expert_ids_TK, probs_TE.shape[1]).float()
         noop_TK = choice.expert_ids_TK >= E
+        # Whether any slot can be left out (padding, a no-op expert, capacity): if none can,
+        # the dispatch skips its masking passes.
+        may_drop = (valid_T is not None or self.num_noop_experts > 0
+                    or (self.training and self.capacity_factor is not None))
         if valid_T is not None or self.num_noop_experts:
             if valid_T is not None:
                 choice.kept_TK &= valid_T.unsqueeze(1)
@@ -215,7 +219,8 @@ class MoE(nn.Module):
                 x_TD.repeat_interleave(k, dim=0), choice.expert_ids_TK.reshape(-1))
             out_TKD = out_NK.view(T, k, -1)
         else:
-            out_TKD = self.experts.forward_dispatched(x_TD, choice.expert_ids_TK, choice.kept_TK)
+            out_TKD = self.experts.forward_dispatched(x_TD, choice.expert_ids_TK,
+                                                      choice.kept_TK if may_drop else None)
         y_TD = (out_TKD * choice.weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
         with torch.no_grad():

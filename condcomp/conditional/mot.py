@@ -137,8 +137,7 @@ class MixtureOfTokens(nn.Module):
         if x_ND.shape[0] <= GATHER_MAX_SLOTS:  # decoding: move one expert's weights
             out_ND = self.experts.forward_gathered(x_ND, expert_N)
         else:
-            kept = torch.ones_like(expert_N, dtype=torch.bool).unsqueeze(1)
-            out_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1), kept)[:, 0]
+            out_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1))[:, 0]
         with torch.no_grad():
             load = F.one_hot(expert_N, self.num_experts).float().mean(0)
             self.stats = {"tokens_per_expert": load, "temperature": self.temperature()}

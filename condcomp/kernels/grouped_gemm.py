@@ -43,19 +43,29 @@ def _fast_path_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
             and x_MK.shape[1] % _ALIGN_ELEMS == 0 and w_EKN.shape[-1] % _ALIGN_ELEMS == 0)
 
 
-def grouped_mm_fast(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor
-                    ) -> torch.Tensor:
+def grouped_mm_fast(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor,
+                    all_rows: bool = False) -> torch.Tensor:
     """``torch._grouped_mm`` in bf16 (Hopper and newer): all experts in one kernel."""
-    out = torch._grouped_mm(x_MK.to(torch.bfloat16), w_EKN.to(torch.bfloat16),
-                            offs=offsets_E.to(torch.int32))
-    # Rows past the last offset are left unwritten by the kernel (dropped tokens): zero them
-    # with a select, not a multiply, since unwritten memory may hold NaNs.
+    x_MK, w_EKN = x_MK.to(torch.bfloat16), w_EKN.to(torch.bfloat16)
+    offs = offsets_E.to(torch.int32)
+    if all_rows:
+        return torch._grouped_mm(x_MK, w_EKN, offs=offs)
+    # Rows past the last offset (dropped tokens) are left unwritten by the kernel, forward and
+    # backward: zero them with a select, not a multiply, since unwritten memory may hold NaNs.
+    # The select on the input is there for the backward: the kernel's gradient for those rows
+    # is unwritten too, and the select's backward replaces it with zeros.
     valid_M1 = (torch.arange(x_MK.shape[0], device=x_MK.device) < offsets_E[-1]).unsqueeze(1)
+    x_MK = torch.where(valid_M1, x_MK, x_MK.new_zeros(()))
+    out = torch._grouped_mm(x_MK, w_EKN, offs=offs)
     return torch.where(valid_M1, out, out.new_zeros(()))
 
 
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """The grouped product, by the fastest path available for these tensors."""
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor,
+               all_rows: bool = False) -> torch.Tensor:
+    """The grouped product, by the fastest path available for these tensors.
+
+    ``all_rows=True`` is the caller's promise that ``offsets_E[-1]`` is the number of rows
+    (every row belongs to an expert), which spares the fast path two masking passes."""
     if _fast_path_supported(x_MK, w_EKN):
-        return grouped_mm_fast(x_MK, w_EKN, offsets_E)
+        return grouped_mm_fast(x_MK, w_EKN, offsets_E, all_rows)
     return grouped_mm_reference(x_MK, w_EKN, offsets_E)
