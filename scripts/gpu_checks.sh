@@ -16,7 +16,7 @@ section() { echo; echo "=== $1 ($(date +%T))"; }
 SHAPE=(--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16
        --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000
        --batch-size 16 --seq-len 2048)
-FAMILIES=configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml
+FAMILIES=${FAMILIES:-configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml}
 
 for what in "$@"; do
   case $what in
@@ -29,7 +29,7 @@ for what in "$@"; do
       timeout 200 "${cc[@]}" bench moe --device cuda --hf-impls eager,grouped_mm --json "$OUT/moe.json" ;;
     moe-compiled)
       section "bench moe, compiled"
-      timeout 300 "${cc[@]}" bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
+      timeout 150 "${cc[@]}" bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
     moe-profile)
       section "MoE profile"
       timeout 120 "$PY" scripts/profile_moe.py 8:1 64:8 > "$OUT/moe_profile.txt" 2>&1
@@ -47,7 +47,7 @@ for what in "$@"; do
         --compile --what train --json "$OUT/models_compiled.json" ;;
     dense)
       section "bench dense vs HF Llama, compiled"
-      timeout 400 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
+      timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
         --json "$OUT/dense.json" ;;
     *) echo "unknown section $what" ;;
   esac

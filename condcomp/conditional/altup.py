@@ -96,7 +96,14 @@ class AltUp(nn.Module):
         j = self.active_block(layer_idx)
         p_KK, g_K = self.predict[layer_idx], self.correct[layer_idx]
         if self.router_weight is None:
-            x_hat = torch.einsum("ij,btjd->btid", p_KK.to(state_BTKD.dtype), state_BTKD)
+            # Predict as K scalar-times-block terms rather than an einsum: K is 2 or 4, and an
+            # einsum becomes a batched matmul over B*T tiny [K, K] x [K, D] products with
+            # layout copies around it, which torch.compile cannot fuse with the correction.
+            # As plain broadcasts, predict, slice and correct fuse into one memory pass.
+            p_KK = p_KK.to(state_BTKD.dtype)
+            x_hat = p_KK[:, 0].view(1, 1, self.k, 1) * state_BTKD[:, :, :1]
+            for i in range(1, self.k):
+                x_hat = x_hat + p_KK[:, i].view(1, 1, self.k, 1) * state_BTKD[:, :, i:i + 1]
             x_tilde = layer(x_hat[:, :, j])
             g = g_K.to(state_BTKD.dtype).view(1, 1, self.k, 1)
         else:
