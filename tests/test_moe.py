@@ -383,3 +383,36 @@ def test_a_zero_capacity_factor_means_dropless_in_toml():
     cfg = tiny_model_cfg(ffn=dict(kind="moe", options=dict(capacity_factor=0)))
     cfg.validate()
     assert TransformerLM(cfg).layers[0].block.ffn.capacity_factor is None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dispatch_permutations_match_plain_indexing_forward_and_backward(k):
+    from condcomp.kernels.permute import dispatch_rows, undispatch_rows
+
+    T, D = 11, 5
+    order = torch.randperm(T * k)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(T * k)
+    x = torch.randn(T, D, requires_grad=True)
+    g_out = torch.randn(T * k, D)
+    g_back = torch.randn(T * k, D)
+
+    def run(dispatch, undispatch):
+        x.grad = None
+        mid = dispatch(x)
+        mid.retain_grad()
+        (mid * g_out).sum().backward(retain_graph=True)
+        back = undispatch(mid.detach().requires_grad_(True))
+        return mid, back, x.grad.clone()
+
+    mid, back, gx = run(lambda x: dispatch_rows(x, order, inverse, k),
+                        lambda m: undispatch_rows(m, order, inverse))
+    want_mid, want_back, want_gx = run(lambda x: x[order // k], lambda m: m[inverse])
+    torch.testing.assert_close(mid, want_mid)
+    torch.testing.assert_close(back, want_back)
+    torch.testing.assert_close(gx, want_gx)
+    m = want_mid.detach().requires_grad_(True)
+    (undispatch_rows(m, order, inverse) * g_back).sum().backward()
+    m2 = want_mid.detach().requires_grad_(True)
+    (m2[inverse] * g_back).sum().backward()
+    torch.testing.assert_close(m.grad, m2.grad)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condcomp.kernels.grouped_gemm import grouped_mm
+from condcomp.kernels.permute import dispatch_rows, undispatch_rows
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
 
@@ -60,7 +61,11 @@ class GroupedExperts(nn.Module):
             # Gate and up projections as one grouped GEMM over [w1 | w3]: x is read once and
             # the GEMM is twice as wide (narrow fine-grained experts use the tensor cores
             # poorly). The weights stay separate parameters: their layout is the contract.
-            w13 = torch.cat([self.w1, self.w3], dim=-1)
+            # Under autocast they are cast before the concatenation, which then moves half
+            # the bytes.
+            dtype = (torch.get_autocast_dtype(x_MD.device.type)
+                     if torch.is_autocast_enabled(x_MD.device.type) else self.w1.dtype)
+            w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=-1)
             gate, up = grouped_mm(x_MD, w13, offsets_E, all_rows).chunk(2, dim=-1)
         else:
             gate, up = grouped_mm(x_MD, self.w1, offsets_E, all_rows), None
@@ -83,7 +88,9 @@ class GroupedExperts(nn.Module):
         if kept_TK is not None:
             ids_N = torch.where(kept_TK.reshape(-1), ids_N, E)  # a virtual expert E, sorted last
         order_N = torch.argsort(ids_N, stable=True)
-        x_ND = x_TD[order_N // K]
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        x_ND = dispatch_rows(x_TD, order_N, inverse_N, K)
         offsets_E = torch.cumsum(count_per_expert(ids_N, E + 1)[:E], 0)
         if kept_TK is not None:
             # Slots not kept sort to the end. The last expert's group takes them in, fed zero
@@ -93,11 +100,9 @@ class GroupedExperts(nn.Module):
             x_ND = torch.where((ids_N[order_N] < E).unsqueeze(1), x_ND, x_ND.new_zeros(()))
             offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), ids_N.numel())])
         out_ND = self.forward_sorted(x_ND, offsets_E, all_rows=True)
-        # Un-permute by writing each row back to its (token, slot) place: a gather by the
-        # inverse permutation, deterministic (no atomics), unlike index_add.
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return out_ND[inverse_N].view(T, K, -1)
+        # Un-permute by a gather with the inverse permutation: deterministic (no atomics),
+        # unlike index_add, and so are both backward passes (condcomp.kernels.permute).
+        return undispatch_rows(out_ND, order_N, inverse_N).view(T, K, -1)
 
     def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
         """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""
