@@ -15,6 +15,8 @@ import pytest
 from condcomp.bench import add_parser, format_table, run
 from condcomp.errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 # A tiny GQA model; every shape through the options, as a user would give them.
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
         "--set", "model.n_kv_heads=2", "--set", "model.d_ff=64", "--set", "model.max_seq_len=64",
@@ -123,3 +125,33 @@ def test_bench_decode_table(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv"]
     assert rows[0]["speedup"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
     assert "| block | 64 | sparse_ff+qkv |" in capsys.readouterr().out
+
+
+def test_bench_models_sets_families_against_the_first(tmp_path, capsys):
+    from condcomp.cli import main
+
+    out = tmp_path / "models.json"
+    configs = ",".join(str(CONFIGS / f"{n}.toml") for n in ("dense_small", "mod", "altup"))
+    assert main(["bench", "models", "--configs", configs, "--set", "model.d_model=32",
+                 "--set", "model.n_layers=2", "--vocab-size", "64", "--batch-size", "2",
+                 "--seq-len", "16", "--steps", "1", "--warmup", "0", "--decode-tokens", "4",
+                 "--prompt-len", "4", "--decode-repeats", "1", "--train-routers", "2",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    models = result["models"]
+    assert list(models) == ["dense_small", "mod", "altup"] and result["baseline"] == "dense_small"
+    base = models["dense_small"]
+    assert base["train_speedup"] == 1.0 and base["decode_speedup"] == 1.0
+    # MoD's analytic FLOPs are lower; its decode reports the share its routed blocks took.
+    assert models["mod"]["flops_ratio"] < 1.0
+    assert 0.0 <= models["mod"]["decode"]["routed_share"] <= 1.0
+    assert "routed_share" not in models["altup"]["decode"]
+    assert all(m["train"]["step_s_median"] > 0 for m in models.values())
+    assert "| mod " in capsys.readouterr().out
+
+
+def test_bench_models_needs_a_baseline_and_one_more(capsys):
+    from condcomp.cli import main
+
+    assert main(["bench", "models", "--configs", str(CONFIGS / "mod.toml")]) != 0
+    assert "at least two presets" in capsys.readouterr().err
