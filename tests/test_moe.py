@@ -416,29 +416,3 @@ def test_dispatch_permutations_match_plain_indexing_forward_and_backward(k):
     m2 = want_mid.detach().requires_grad_(True)
     (m2[inverse] * g_back).sum().backward()
     torch.testing.assert_close(m.grad, m2.grad)
-
-
-def test_straight_through_combine_is_full_strength_forward_and_switch_gradient_over_p():
-    from condcomp.conditional import routing
-
-    logits = torch.randn(6, 4, requires_grad=True)
-    probs = routing.router_probs(logits)
-    st = routing.token_choice(probs, 1, combine="straight_through")
-    plain = routing.token_choice(probs, 1)
-    assert torch.equal(st.expert_ids_TK, plain.expert_ids_TK)
-    torch.testing.assert_close(st.weights_TK, torch.ones(6, 1))
-    upstream = torch.randn(6, 1)
-    (g_st,) = torch.autograd.grad((st.weights_TK * upstream).sum(), logits, retain_graph=True)
-    (g_plain,) = torch.autograd.grad((plain.weights_TK * upstream / plain.weights_TK.detach())
-                                     .sum(), logits)
-    torch.testing.assert_close(g_st, g_plain)
-    assert g_st.abs().sum() > 0  # the router still learns
-
-
-def test_straight_through_combine_is_refused_where_it_means_nothing():
-    for options in (dict(combine="straight_through", top_k=2, normalize_topk=True),
-                    dict(combine="straight_through", routing="expert_choice",
-                         capacity_factor=2.0),
-                    dict(combine="softmax")):
-        with pytest.raises(ConfigError, match="combine"):
-            tiny_model_cfg(ffn=dict(kind="moe", options=options)).validate()

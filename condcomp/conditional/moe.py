@@ -73,17 +73,14 @@ class MoE(nn.Module):
                  activation: str = "swiglu", load_balance_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, bias_update_rate: float = 0.0,
                  router_init_scale: float = 0.1, expert_dropout: float = 0.0,
-                 router_jitter: float = 0.0, num_noop_experts: int = 0,
-                 combine: str = "probability") -> None:
+                 router_jitter: float = 0.0, num_noop_experts: int = 0) -> None:
         super().__init__()
         check_moe_shape(num_experts, top_k, routing_mode, capacity_factor)
-        check_combine(combine, routing_mode, normalize_topk)
         if num_noop_experts and (routing_mode != "token_choice" or no_token_left_behind):
             raise ConfigError("no-op experts (integrated MoDE) need token-choice routing "
                               "without no_token_left_behind")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing_mode, self.normalize_topk = routing_mode, normalize_topk
-        self.combine = combine
         self.capacity_factor, self.no_token_left_behind = capacity_factor, no_token_left_behind
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
         self.bias_update_rate = bias_update_rate
@@ -194,7 +191,7 @@ class MoE(nn.Module):
         E = self.num_experts
         k = self.top_k if self.training else self._eval_top_k()
         bias = self.selection_bias if self.bias_update_rate > 0 else None
-        choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias, self.combine)
+        choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias)
         balance = routing.load_balance_loss(probs_TE, choice.expert_ids_TK, valid_T)
         choice_load = routing.count_per_expert(choice.expert_ids_TK, probs_TE.shape[1]).float()
         noop_TK = choice.expert_ids_TK >= E
@@ -272,18 +269,6 @@ class MoE(nn.Module):
                 f"top_k={self.top_k}, capacity_factor={self.capacity_factor}")
 
 
-COMBINES = ("probability", "straight_through")
-
-
-def check_combine(combine: str, routing_mode: str, normalize_topk: bool,
-                  key: str = "MoE") -> None:
-    if combine not in COMBINES:
-        raise ConfigError(f"{key}.combine = {combine!r} is unknown; use one of {COMBINES}")
-    if combine != "probability" and (routing_mode != "token_choice" or normalize_topk):
-        raise ConfigError(f"{key}.combine = {combine!r} applies to token choice without "
-                          "normalize_topk (renormalised weights already sum to one)")
-
-
 def check_moe_shape(num_experts: int, top_k: int, routing_mode: str,
                     capacity_factor: float | None, key: str = "MoE") -> None:
     if num_experts < 1:
@@ -326,9 +311,6 @@ class MoEOptions:
     expert_dropout: float = 0.0
     router_jitter: float = 0.0
     num_noop_experts: int = 0  # integrated MoDE: experts that do nothing (skip the layer)
-    # How a chosen expert's output is weighted: "probability" (Switch, y = p * E(x)) or
-    # "straight_through" (y = E(x) forward, Switch's router gradient scaled by 1/p).
-    combine: str = "probability"
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
@@ -368,7 +350,6 @@ class MoEOptions:
                               "routing without no_token_left_behind")
         if not 0 <= opts.expert_dropout < 1:
             raise ConfigError(f"model.ffn.expert_dropout = {opts.expert_dropout} must be in [0, 1)")
-        check_combine(opts.combine, opts.routing, opts.normalize_topk, "model.ffn")
         if opts.router_init_scale <= 0:
             raise ConfigError("model.ffn.router_init_scale must be positive")
 
@@ -383,8 +364,7 @@ def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
                activation=cfg.activation, load_balance_coef=o.load_balance_coef,
                z_loss_coef=o.z_loss_coef, bias_update_rate=o.bias_update_rate,
                router_init_scale=o.router_init_scale, expert_dropout=o.expert_dropout,
-               router_jitter=o.router_jitter, num_noop_experts=o.num_noop_experts,
-               combine=o.combine)
+               router_jitter=o.router_jitter, num_noop_experts=o.num_noop_experts)
 
 
 registry.register(registry.Family("moe", "ffn", MoEOptions, _build, "mixture of experts"))

@@ -38,28 +38,18 @@ def router_probs(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 def token_choice(probs_TE: torch.Tensor, top_k: int, normalize_topk: bool = False,
-                 selection_bias_E: torch.Tensor | None = None,
-                 combine: str = "probability") -> TokenChoice:
+                 selection_bias_E: torch.Tensor | None = None) -> TokenChoice:
     """Each token's ``top_k`` most probable distinct experts.
 
     ``selection_bias_E`` (aux-loss-free balancing, DeepSeek-V3 sec. 2.1.2) shifts which
     experts are *chosen* but not the combine weights, which stay the router's probabilities
     (renormalised over the chosen k when ``normalize_topk``, as in Mixtral).
-
-    ``combine = "straight_through"`` makes each weight ``p / stop_grad(p)``: 1 in the forward
-    pass, so every chosen expert's output enters at full strength, while the router's gradient
-    is Switch's ``dL/dp`` scaled by ``1 / p``, the straight-through estimator (Bengio et al.
-    2013) that SparseMixer (Liu et al. 2023) reads Switch's gate as approximating. With 8
-    experts the plain Switch gate starts near 1/8, so the layer begins at an eighth of a dense
-    FFN's strength and a nearly uniform router gets little signal to leave uniformity.
     """
     scores_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
     expert_ids_TK = torch.topk(scores_TE, top_k, dim=-1, sorted=True).indices
     weights_TK = probs_TE.gather(1, expert_ids_TK)
     if normalize_topk:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    elif combine == "straight_through":
-        weights_TK = weights_TK / weights_TK.detach().clamp_min(1e-20)
     kept_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
     return TokenChoice(expert_ids_TK, weights_TK, kept_TK)
 
