@@ -46,6 +46,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=64, help="prefilled tokens before timing")
     p.add_argument("--tokens", type=int, default=32, help="timed decode steps per variant")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each variant's decode step (one graph per variant; "
+                   "removes most of eager PyTorch's per-op overhead, which at batch 1 is a "
+                   "large share of a step and hides what sparsity saves)")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=run)
     return p
@@ -66,7 +70,7 @@ def variant_config(shape: dict[str, int], variant: str, n_layers: int, block_siz
 class BlockDecoder:
     """One block of a model, decoding one token at a time against its own KV cache."""
 
-    def __init__(self, model: TransformerLM, context: int) -> None:
+    def __init__(self, model: TransformerLM, context: int, compile: bool = False) -> None:
         self.model, self.block = model, model.layers[0]
         model.setup_cache(1, context + 1024)
         d = model.cfg.d_model
@@ -78,17 +82,19 @@ class BlockDecoder:
             self.block(self.x_prefill, model.rope.positions(context, torch.arange(context,
                                                                                   device=device)))
         self.pos = context
+        self._step = _maybe_compile(self._forward, compile)
+
+    def _forward(self, x_11D: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
+        return self.block(x_11D, self.model.rope.positions(1, pos_1))
 
     @torch.no_grad()
     def step(self) -> None:
-        device = self.x_step.device
-        positions = self.model.rope.positions(1, torch.tensor([self.pos], device=device))
-        self.block(self.x_step, positions)
+        self._step(self.x_step, torch.tensor([self.pos], device=self.x_step.device))
         self.pos += 1
 
 
 class ModelDecoder:
-    def __init__(self, model: TransformerLM, context: int) -> None:
+    def __init__(self, model: TransformerLM, context: int, compile: bool = False) -> None:
         self.model = model
         model.setup_cache(1, context + 1024)
         device = model.tok_emb.weight.device
@@ -97,12 +103,20 @@ class ModelDecoder:
                   input_pos=torch.arange(context, device=device))
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = context
+        self._step = _maybe_compile(self._forward, compile)
+
+    def _forward(self, token_11: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
+        return self.model(token_11, input_pos=pos_1).logits
 
     @torch.no_grad()
     def step(self) -> None:
-        device = self.token.device
-        self.model(self.token, input_pos=torch.tensor([self.pos], device=device))
+        self._step(self.token, torch.tensor([self.pos], device=self.token.device))
         self.pos += 1
+
+
+def _maybe_compile(fn, compile: bool):
+    # One token at a tensor position: fixed shapes, so one graph serves every step (gpt-fast).
+    return torch.compile(fn, fullgraph=True) if compile else fn
 
 
 def time_side_by_side(decoders: dict[str, Any], tokens: int, device: torch.device
@@ -132,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         models = {v: TransformerLM(variant_config(shape, v, 1, args.block_size, args.d_lowrank,
                                                   256, args.context + 1024)).to(device).eval()
                   for v in VARIANTS}
-        decoders = {v: BlockDecoder(m, args.context) for v, m in models.items()}
+        decoders = {v: BlockDecoder(m, args.context, args.compile) for v, m in models.items()}
         rows += _rows("block", d, time_side_by_side(decoders, args.tokens, device), models)
         print(f"per block, d_model {d}: done")
         del models, decoders
@@ -145,12 +159,13 @@ def run(args: argparse.Namespace) -> int:
             models[v] = TransformerLM(variant_config(shape, v, args.layers, args.block_size,
                                                      args.d_lowrank, 32000,
                                                      args.context + 1024)).to(device).eval()
-        decoders = {v: ModelDecoder(m, args.context) for v, m in models.items()}
+        decoders = {v: ModelDecoder(m, args.context, args.compile) for v, m in models.items()}
         rows += _rows("model", 1024, time_side_by_side(decoders, args.tokens, device), models)
         del models, decoders, base
     result = {"device": device_name(device), "torch": torch.__version__,
               "command": " ".join(["condcomp", *sys.argv[1:]]), "block_size": args.block_size,
-              "d_lowrank": args.d_lowrank, "context": args.context, "rows": rows}
+              "d_lowrank": args.d_lowrank, "context": args.context, "compile": args.compile,
+              "rows": rows}
     print()
     print(format_table(result))
     if args.json:
@@ -172,7 +187,8 @@ def _rows(scope: str, d_model: int, seconds: dict[str, float],
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{result['device']}, torch {result['torch']}, batch 1, fp32, Sparse FF N = "
+    mode = "compiled" if result.get("compile") else "eager"
+    lines = [f"{result['device']}, torch {result['torch']}, batch 1, fp32, {mode}, Sparse FF N = "
              f"{result['block_size']}, d_lowrank {result['d_lowrank']}, context "
              f"{result['context']}", "",
              "| scope | d_model | variant | params | decode ms/token | speed-up | paper |",

@@ -130,3 +130,20 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="'mod' wrapper"):
         tiny_model_cfg(n_kv_heads=4, attention=dict(kind="sparse_qkv"),
                        wrapper=dict(kind="mod")).validate()
+
+
+def test_compiled_sparse_decode_step_equals_eager():
+    # `condcomp bench decode --compile` times one fullgraph-compiled step per variant: it must
+    # compute what the eager step computes (gathers, the multiplicative layer, the conv history).
+    from condcomp.bench_decode import BlockDecoder, variant_config
+
+    torch._dynamo.reset()
+    cfg = variant_config(dict(d_model=32, d_ff=64, n_heads=2), "sparse_ff+qkv", 1, 8, 8, 64, 1029)
+    outs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        decoder = BlockDecoder(TransformerLM(cfg).eval(), context=5, compile=compile)
+        with torch.no_grad():
+            outs.append(torch.cat([decoder._step(decoder.x_step * (i + 1),
+                                                 torch.tensor([5 + i])) for i in range(3)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
