@@ -71,7 +71,7 @@ def test_a_tiny_suite_writes_the_report(tmp_path, capsys):
 def test_the_demo_suite_is_valid():
     suite = load_suite(REPO / "configs/suites/demo.toml")
     assert {m.name for m in suite.models} >= {"dense", "switch-8e", "mod-12.5%", "sparse-ff",
-                                          "altup-recycled", "mot"}
+                                          "sparse-ff+qkv", "altup", "altup-recycled", "mot"}
 
 
 @pytest.mark.parametrize("models, budget, message", [
