@@ -77,20 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "ModelConfig defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_layers=6 (repeatable)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"default: model.vocab_size if set, else {DEFAULT_VOCAB}")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
-    p.add_argument("--steps", type=int, default=10, help="timed train steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first (default 3)")
-    p.add_argument("--decode-tokens", type=int, default=128, help="new tokens per generation (default 128)")
-    p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (default 16)")
-    p.add_argument("--decode-repeats", type=int, default=3,
-                   help="timed generations per model, after one untimed (default 3); the "
-                   "median is reported")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    add_measure_options(p, decode_tokens=128)
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="the model to compare with (default: hf if transformers is installed)")
@@ -106,6 +93,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     bench_decode.add_parser(targets)
     bench_models.add_parser(targets)
     return p
+
+
+def add_measure_options(p: argparse.ArgumentParser, decode_tokens: int) -> None:
+    """The shape, timing and device options shared by ``bench`` and ``bench models``."""
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"default: model.vocab_size if set, else {DEFAULT_VOCAB}")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
+    p.add_argument("--steps", type=int, default=10, help="timed train steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=decode_tokens,
+                   help=f"new tokens per generation (default {decode_tokens})")
+    p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (default 16)")
+    p.add_argument("--decode-repeats", type=int, default=3,
+                   help="timed generations per model, after one untimed (default 3); the "
+                   "median is reported")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
 
 
 @dataclass
@@ -138,14 +144,19 @@ def run(args: argparse.Namespace) -> int:
     result = benchmark(plan, log=print)
     result["command"] = command_line(args, plan)
     result["argv"] = list(sys.argv)
+    report(result, format_table(result), args.json)
+    return 0
+
+
+def report(result: dict[str, Any], table: str, json_path: str | None) -> None:
+    """Print the table and, if asked, write every figure as JSON."""
     print()
-    print(format_table(result))
-    if args.json:
-        path = Path(args.json)
+    print(table)
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {path}")
-    return 0
 
 
 def make_plan(args: argparse.Namespace) -> Plan:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -41,17 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "configs/dense_small.toml,configs/mod.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key in every preset, e.g. --set model.d_model=1024")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"default: model.vocab_size if set, else {bench.DEFAULT_VOCAB}")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
-    p.add_argument("--steps", type=int, default=10, help="timed train steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first (default 3)")
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--decode-repeats", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    bench.add_measure_options(p, decode_tokens=64)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step of every model (decode stays eager: "
                    "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
@@ -97,13 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--train-routers must not be negative")
     result = benchmark(plans, log=print, router_steps=args.train_routers)
     result["argv"] = ["condcomp", *sys.argv[1:]]
-    print()
-    print(format_table(result))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {path}")
+    bench.report(result, format_table(result), args.json)
     return 0
 
 
