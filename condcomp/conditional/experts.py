@@ -26,6 +26,12 @@ from condcomp.kernels.permute import dispatch_rows, undispatch_rows
 _ACT = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for ``x``'s device, or None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_expert: int,
                  activation: str = "swiglu", dropout: float = 0.0) -> None:
@@ -53,23 +59,21 @@ class GroupedExperts(nn.Module):
             h = h * up
         return self.dropout(h) if self.dropout is not None else h
 
-    def forward_sorted(self, x_MD: torch.Tensor, offsets_E: torch.Tensor,
-                       all_rows: bool = False) -> torch.Tensor:
-        """Rows of ``x_MD`` grouped by expert (``offsets_E``: cumulative ends); rows past the
-        last offset come out as zeros (``all_rows``: there are none)."""
+    def forward_sorted(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x_MD`` grouped by expert (``offsets_E``: cumulative ends, the last one
+        ``M``: every row belongs to an expert)."""
         if self.w3 is not None:
             # Gate and up projections as one grouped GEMM over [w1 | w3]: x is read once and
             # the GEMM is twice as wide (narrow fine-grained experts use the tensor cores
             # poorly). The weights stay separate parameters: their layout is the contract.
             # Under autocast they are cast before the concatenation, which then moves half
             # the bytes.
-            dtype = (torch.get_autocast_dtype(x_MD.device.type)
-                     if torch.is_autocast_enabled(x_MD.device.type) else self.w1.dtype)
+            dtype = _compute_dtype(x_MD) or self.w1.dtype
             w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=-1)
-            gate, up = grouped_mm(x_MD, w13, offsets_E, all_rows).chunk(2, dim=-1)
+            gate, up = grouped_mm(x_MD, w13, offsets_E, all_rows=True).chunk(2, dim=-1)
         else:
-            gate, up = grouped_mm(x_MD, self.w1, offsets_E, all_rows), None
-        return grouped_mm(self._hidden(gate, up), self.w2, offsets_E, all_rows)
+            gate, up = grouped_mm(x_MD, self.w1, offsets_E, all_rows=True), None
+        return grouped_mm(self._hidden(gate, up), self.w2, offsets_E, all_rows=True)
 
     def forward_dispatched(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                            kept_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,9 +85,8 @@ class GroupedExperts(nn.Module):
 
         T, K = expert_ids_TK.shape
         E = self.num_experts
-        if torch.is_autocast_enabled(x_TD.device.type):
-            # Permute in the compute dtype: the permuted copy is k times the activations.
-            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        # Permute in the compute dtype: the permuted copy is k times the activations.
+        x_TD = x_TD.to(_compute_dtype(x_TD) or x_TD.dtype)
         ids_N = expert_ids_TK.reshape(-1)
         if kept_TK is not None:
             ids_N = torch.where(kept_TK.reshape(-1), ids_N, E)  # a virtual expert E, sorted last
@@ -99,7 +102,7 @@ class GroupedExperts(nn.Module):
             # and adds nothing to that expert's weight gradient.
             x_ND = torch.where((ids_N[order_N] < E).unsqueeze(1), x_ND, x_ND.new_zeros(()))
             offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), ids_N.numel())])
-        out_ND = self.forward_sorted(x_ND, offsets_E, all_rows=True)
+        out_ND = self.forward_sorted(x_ND, offsets_E)
         # Un-permute by a gather with the inverse permutation: deterministic (no atomics),
         # unlike index_add, and so are both backward passes (condcomp.kernels.permute).
         return undispatch_rows(out_ND, order_N, inverse_N).view(T, K, -1)
