@@ -23,6 +23,7 @@ import torch
 
 from condcomp.config import ModelConfig, SeamConfig
 from condcomp.model import TransformerLM
+from condcomp.model.accounting import active_param_count
 from condcomp.runtime import device_name, resolve_device
 
 WARMUP_STEPS = 3  # untimed decode steps per variant
@@ -178,14 +179,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def weights_read_per_token(model: TransformerLM, scope: str) -> int:
+    """Parameters one decode step reads: the block's (``scope = "block"``) or the model's. A
+    batch-1 step is bound by reading weights, so the ratio of these counts is the speed-up a
+    step could reach if nothing but weight traffic cost time (KV cache reads excluded).
+    Sparse FF reads only its controller and the chosen rows (its ``active_params``)."""
+    if scope == "block":
+        return active_param_count(model.layers[0])
+    total = active_param_count(model)
+    if not model.cfg.tie_embeddings:  # the input embedding is one row per token
+        total -= model.tok_emb.weight.numel() - model.cfg.d_model
+    return total
+
+
 def _rows(scope: str, d_model: int, seconds: dict[str, float],
           models: dict[str, TransformerLM]) -> list[dict[str, Any]]:
     dense = seconds["dense"]
+    dense_reads = weights_read_per_token(models["dense"], scope)
     rows = []
     for variant, s in seconds.items():
         model = models[variant]
+        reads = weights_read_per_token(model, scope)
         rows.append({"scope": scope, "d_model": d_model, "variant": variant,
                      "layers": model.cfg.n_layers, "params": model.num_params(),
+                     "params_read": reads, "weight_bound": dense_reads / reads,
                      "step_ms": 1e3 * s, "speedup": dense / s,
                      "paper_speedup": PAPER.get((scope, d_model, variant))})
     return rows
@@ -196,11 +213,13 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, batch 1, fp32, {mode}, Sparse FF N = "
              f"{result['block_size']}, d_lowrank {result['d_lowrank']}, context "
              f"{result['context']}", "",
-             "| scope | d_model | variant | params | decode ms/token | speed-up | paper |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| scope | d_model | variant | params | read per token | decode ms/token | "
+             "speed-up | weight-traffic bound | paper |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         paper = f"{r['paper_speedup']:.2f}x" if r["paper_speedup"] else ""
         scope = r["scope"] if r["scope"] == "block" else f"model ({r['layers']} layers)"
         lines.append(f"| {scope} | {r['d_model']} | {r['variant']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['step_ms']:.2f} | {r['speedup']:.2f}x | {paper} |")
+                     f"{r['params_read'] / 1e6:.2f}M | {r['step_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['weight_bound']:.2f}x | {paper} |")
     return "\n".join(lines)

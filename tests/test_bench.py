@@ -124,6 +124,11 @@ def test_bench_decode_table(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv"]
     assert rows[0]["speedup"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    # Sparse FF reads its controller (64 x 8, 8 x 256, bias 256) and, of each of the 32
+    # blocks, one row of W1 and W2 and one b1 entry (+ b2), instead of the dense 2 x 64 x 256.
+    dense, sparse_ff = rows[0]["params_read"], rows[1]["params_read"]
+    assert sparse_ff == dense - 2 * 64 * 256 + (8 * (64 + 256) + 256) + (2 * 32 * 64 + 32 + 64)
+    assert rows[1]["weight_bound"] == pytest.approx(dense / sparse_ff)
     assert "| block | 64 | sparse_ff+qkv |" in capsys.readouterr().out
 
 

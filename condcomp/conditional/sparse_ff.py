@@ -139,11 +139,18 @@ class SparseFF(nn.Module):
         return h @ self.w2 + self.b2
 
     def forward_gathered(self, x_ND: torch.Tensor, choice_NK: torch.Tensor) -> torch.Tensor:
-        """Only the chosen unit of each block: gather its row of W1 and of W2."""
-        units_NK = choice_NK + self.block_offsets
-        h_N1K = torch.bmm(x_ND.unsqueeze(1), self.w1[units_NK].transpose(1, 2))
-        h_N1K = F.relu(h_N1K + self.b1[units_NK].unsqueeze(1))
-        return torch.bmm(h_N1K, self.w2[units_NK]).squeeze(1) + self.b2
+        """Only the chosen unit of each block: gather its row of W1 and of W2.
+
+        ``index_select`` on the unit-major weights copies whole contiguous rows; advanced
+        indexing (``w1[units]``) goes through the general index kernel, which at d_model 4096
+        made the two gathers cost more than the rest of the FFN (2.3 vs 0.9 ms, 2-core CPU)."""
+        N, K = choice_NK.shape
+        units = (choice_NK + self.block_offsets).reshape(-1)
+        w1_NKD = self.w1.index_select(0, units).view(N, K, self.d_model)
+        h_NK = torch.bmm(w1_NKD, x_ND.unsqueeze(2)).squeeze(2)
+        h_NK = F.relu(h_NK + self.b1.index_select(0, units).view(N, K))
+        w2_NKD = self.w2.index_select(0, units).view(N, K, self.d_model)
+        return torch.bmm(h_NK.unsqueeze(1), w2_NKD).squeeze(1) + self.b2
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "

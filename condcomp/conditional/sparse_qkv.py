@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from condcomp import registry
@@ -118,10 +119,10 @@ class SparseQKV(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m_BTSM = self.multiplicative(x_BTD)
         cols = im2col(self._taps(m_BTSM, positions), self.conv_q.module_kernel)
-        # Q's and K's convolutions read the same columns: one matmul for both.
-        weight = torch.cat((self.conv_q.flat_weight(), self.conv_k.flat_weight()), dim=1)
-        bias = torch.cat((self.conv_q.bias, self.conv_k.bias))
-        q, k = (cols @ weight.to(cols.dtype) + bias.to(cols.dtype)).chunk(2, dim=-1)
+        # Q's and K's convolutions read the same columns. Two products rather than one over
+        # concatenated weights: the concatenation would copy both kernels on every decode step.
+        q, k = (F.linear(cols, conv.flat_weight().t().to(cols.dtype), conv.bias.to(cols.dtype))
+                for conv in (self.conv_q, self.conv_k))
         return q, k, m_BTSM
 
     def flops_per_token(self) -> float:
