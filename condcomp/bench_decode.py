@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from condcomp.config import ModelConfig, SeamConfig
+from condcomp.errors import ConfigError
 from condcomp.model import TransformerLM
 from condcomp.model.accounting import active_param_count
 from condcomp.runtime import device_name, resolve_device
@@ -140,14 +141,36 @@ def time_side_by_side(decoders: dict[str, Any], tokens: int, device: torch.devic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def parse_shapes(text: str) -> list[int]:
+    """``--shapes``: a comma list of positive d_model values."""
+    try:
+        shapes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or min(shapes) < 1:
+        raise ConfigError(f"--shapes {text!r}: give a comma list of d_model values, "
+                          "e.g. --shapes 1024,4096")
+    return shapes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.tokens < 1 or args.context < 1:
+        raise ConfigError("--tokens and --context must be at least 1 (the timed decode steps "
+                          "and the prefilled tokens before them)")
+    if args.layers < 1:
+        raise ConfigError("--layers must be at least 1")
+
+
 def run(args: argparse.Namespace) -> int:
+    shapes = parse_shapes(args.shapes)
+    check_args(args)
     device = resolve_device(args.device)
     # The KV cache holds what the run decodes (prefill, warm-up and timed steps) and no more:
     # a step attends over the whole static cache under a mask, so a cache sized for 1024 more
     # tokens than are ever written would add the same wasted K/V reads to every variant.
     cache_len = args.context + WARMUP_STEPS + args.tokens
     rows: list[dict[str, Any]] = []
-    for d in (int(s) for s in args.shapes.split(",")):
+    for d in shapes:
         shape = SHAPES.get(d) or dict(d_model=d, d_ff=4 * d, n_heads=max(1, d // 64))
         models = {v: TransformerLM(variant_config(shape, v, 1, args.block_size, args.d_lowrank,
                                                   256, cache_len)).to(device).eval()

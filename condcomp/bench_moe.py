@@ -90,7 +90,19 @@ def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, 
     return statistics.median(times)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("d_model", "d_ff", "tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {value} must be positive")
+    if args.steps < 1:
+        raise ConfigError("--steps must be at least 1 (the timed forward + backward steps)")
+    if args.warmup < 0:
+        raise ConfigError("--warmup must not be negative")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     d_model = args.d_model or (1024 if cuda else 256)
