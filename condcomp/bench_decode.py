@@ -12,15 +12,14 @@ and the median step time is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from condcomp.bench import report
 from condcomp.config import ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
 from condcomp.model import TransformerLM
@@ -195,10 +194,7 @@ def run(args: argparse.Namespace) -> int:
               "command": " ".join(["condcomp", *sys.argv[1:]]), "block_size": args.block_size,
               "d_lowrank": args.d_lowrank, "context": args.context, "compile": args.compile,
               "rows": rows}
-    print()
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, format_table(result), args.json)
     return 0
 
 

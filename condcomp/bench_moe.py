@@ -12,17 +12,16 @@ gradient is a fixed random tensor) after ``--warmup`` untimed ones, synchronised
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from condcomp.bench import report
 from condcomp.errors import ConfigError
 from condcomp.layers import MLP, MoE
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
@@ -140,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"device": device_name(device), "torch": torch.__version__, "d_model": d_model,
               "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
               "compile": args.compile, "command": " ".join(sys.argv), "rows": rows}
-    print()
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, format_table(result), args.json)
     return 0
 
 
