@@ -7,6 +7,9 @@ whole model (24 layers, vocab 32k), and a large block (d_model 4096, d_ff 16384,
 block only. Each measurement prefills ``--context`` tokens, then times ``--tokens`` decode
 steps; the variants take turns, so a load change on a shared machine hits all of them alike,
 and the median step time is reported.
+
+"+Sparse QKV" is the paper's: the Q/K/V *and output* layers are sparse (sec. 1), so by default
+its output layer is multiplicative too (``--qkv-output dense`` keeps the dense ``wo``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from condcomp.bench import report
+from condcomp.conditional.sparse_qkv import OUTPUTS
 from condcomp.config import ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
 from condcomp.model import TransformerLM
@@ -43,8 +47,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--whole-model", choices=["on", "off"], default="on",
                    help="also time the 24-layer d_model 1024 model")
     p.add_argument("--layers", type=int, default=24, help="layers of the whole model")
+    p.add_argument("--stack", type=int, default=4,
+                   help="per-block rows: blocks run per timed step (the time is divided by "
+                   "it); 1 times a lone block, paying a model's per-step costs in every block")
     p.add_argument("--block-size", type=int, default=64, help="Sparse FF: units per block (N)")
     p.add_argument("--d-lowrank", type=int, default=64, help="Sparse FF controller rank")
+    p.add_argument("--qkv-output", choices=OUTPUTS, default="multiplicative",
+                   help="Sparse QKV's attention output layer (default: multiplicative, the "
+                   "paper's sparse output layer; dense keeps wo)")
     p.add_argument("--context", type=int, default=64, help="prefilled tokens before timing")
     p.add_argument("--tokens", type=int, default=32, help="timed decode steps per variant")
     p.add_argument("--device", default="cpu")
@@ -58,22 +68,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def variant_config(shape: dict[str, int], variant: str, n_layers: int, block_size: int,
-                   d_lowrank: int, vocab: int, max_len: int) -> ModelConfig:
+                   d_lowrank: int, vocab: int, max_len: int,
+                   qkv_output: str = "multiplicative") -> ModelConfig:
     cfg = ModelConfig(vocab_size=vocab, n_layers=n_layers, activation="relu",
                       max_seq_len=max_len, **shape)
     if "ff" in variant:
         cfg.ffn = SeamConfig("sparse_ff", options={"block_size": block_size,
                                                    "d_lowrank": d_lowrank})
     if "qkv" in variant:
-        cfg.attention = SeamConfig("sparse_qkv")
+        cfg.attention = SeamConfig("sparse_qkv", options={"output": qkv_output})
     return cfg
 
 
 class BlockDecoder:
-    """One block of a model, decoding one token at a time against its own KV cache."""
+    """A stack of blocks (``model.layers``, no embedding or head) decoding one token at a time
+    against their own KV caches. The step time divided by the stack's depth is the time of one
+    block inside a model: the per-step costs a model pays once per token (calling the step,
+    the compiled graph's guards, the RoPE angles) are shared by the stack, as they are by a
+    model's layers, instead of being charged to a single block."""
 
     def __init__(self, model: TransformerLM, context: int, compile: bool = False) -> None:
-        self.model, self.block = model, model.layers[0]
+        self.model = model
         model.setup_cache(1, model.cfg.max_seq_len)
         d = model.cfg.d_model
         g = torch.Generator().manual_seed(0)
@@ -81,13 +96,19 @@ class BlockDecoder:
         self.x_prefill = torch.randn(1, context, d, generator=g).to(device)
         self.x_step = torch.randn(1, 1, d, generator=g).to(device)
         with torch.no_grad():
-            self.block(self.x_prefill, model.rope.positions(context, torch.arange(context,
-                                                                                  device=device)))
+            self._forward(self.x_prefill, torch.arange(context, device=device))
         self.pos = context
         self._step = _maybe_compile(self._forward, compile)
 
-    def _forward(self, x_11D: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
-        return self.block(x_11D, self.model.rope.positions(1, pos_1))
+    @property
+    def depth(self) -> int:
+        return len(self.model.layers)
+
+    def _forward(self, x_1TD: torch.Tensor, pos_T: torch.Tensor) -> torch.Tensor:
+        positions = self.model.rope.positions(x_1TD.shape[1], pos_T)
+        for layer in self.model.layers:
+            x_1TD = layer(x_1TD, positions)
+        return x_1TD
 
     @torch.no_grad()
     def step(self) -> None:
@@ -156,8 +177,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tokens < 1 or args.context < 1:
         raise ConfigError("--tokens and --context must be at least 1 (the timed decode steps "
                           "and the prefilled tokens before them)")
-    if args.layers < 1:
-        raise ConfigError("--layers must be at least 1")
+    if args.layers < 1 or args.stack < 1:
+        raise ConfigError("--layers and --stack must be at least 1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,11 +192,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for d in shapes:
         shape = SHAPES.get(d) or dict(d_model=d, d_ff=4 * d, n_heads=max(1, d // 64))
-        models = {v: TransformerLM(variant_config(shape, v, 1, args.block_size, args.d_lowrank,
-                                                  256, cache_len)).to(device).eval()
+        models = {v: TransformerLM(variant_config(shape, v, args.stack, args.block_size,
+                                                  args.d_lowrank, 256, cache_len, args.qkv_output)
+                                   ).to(device).eval()
                   for v in VARIANTS}
         decoders = {v: BlockDecoder(m, args.context, args.compile) for v, m in models.items()}
-        rows += _rows("block", d, time_side_by_side(decoders, args.tokens, device), models)
+        seconds = time_side_by_side(decoders, args.tokens, device)
+        rows += _rows("block", d, {v: s / args.stack for v, s in seconds.items()}, models)
         print(f"per block, d_model {d}: done")
         del models, decoders
     if args.whole_model == "on":
@@ -185,14 +208,15 @@ def run(args: argparse.Namespace) -> int:
         models = {"dense": base.to(device).eval()}
         for v in VARIANTS[1:]:
             models[v] = TransformerLM(variant_config(shape, v, args.layers, args.block_size,
-                                                     args.d_lowrank, 32000,
-                                                     cache_len)).to(device).eval()
+                                                     args.d_lowrank, 32000, cache_len,
+                                                     args.qkv_output)).to(device).eval()
         decoders = {v: ModelDecoder(m, args.context, args.compile) for v, m in models.items()}
         rows += _rows("model", 1024, time_side_by_side(decoders, args.tokens, device), models)
         del models, decoders, base
     result = {"device": device_name(device), "torch": torch.__version__,
               "command": " ".join(["condcomp", *sys.argv[1:]]), "block_size": args.block_size,
-              "d_lowrank": args.d_lowrank, "context": args.context, "compile": args.compile,
+              "d_lowrank": args.d_lowrank, "qkv_output": args.qkv_output, "stack": args.stack,
+              "context": args.context, "compile": args.compile,
               "rows": rows}
     report(result, format_table(result), args.json)
     return 0
@@ -220,7 +244,9 @@ def _rows(scope: str, d_model: int, seconds: dict[str, float],
         model = models[variant]
         reads = weights_read_per_token(model, scope)
         rows.append({"scope": scope, "d_model": d_model, "variant": variant,
-                     "layers": model.cfg.n_layers, "params": model.num_params(),
+                     "layers": model.cfg.n_layers,
+                     "params": model.num_params() if scope == "model" else
+                     sum(p.numel() for p in model.layers[0].parameters()),
                      "params_read": reads, "weight_bound": dense_reads / reads,
                      "step_ms": 1e3 * s, "speedup": dense / s,
                      "paper_speedup": PAPER.get((scope, d_model, variant))})
@@ -230,8 +256,10 @@ def _rows(scope: str, d_model: int, seconds: dict[str, float],
 def format_table(result: dict[str, Any]) -> str:
     mode = "compiled" if result.get("compile") else "eager"
     lines = [f"{result['device']}, torch {result['torch']}, batch 1, fp32, {mode}, Sparse FF N = "
-             f"{result['block_size']}, d_lowrank {result['d_lowrank']}, context "
-             f"{result['context']}", "",
+             f"{result['block_size']}, d_lowrank {result['d_lowrank']}, Sparse QKV output "
+             f"{result.get('qkv_output', 'dense')}, context {result['context']}; per block: the "
+             f"step of a stack of {result.get('stack', 1)} blocks / {result.get('stack', 1)}",
+             "",
              "| scope | d_model | variant | params | read per token | decode ms/token | "
              "speed-up | weight-traffic bound | paper |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

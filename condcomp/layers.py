@@ -9,8 +9,8 @@ from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
 from condcomp.conditional.mot import MixtureOfTokens
 from condcomp.conditional.sparse_ff import SparseFF
-from condcomp.conditional.sparse_qkv import SparseQKV
+from condcomp.conditional.sparse_qkv import MultiplicativeDense, SparseQKV
 from condcomp.model.mlp import MLP
 
-__all__ = ["MLP", "AltUp", "MixtureOfDepths", "MixtureOfTokens", "MoE", "SparseFF",
-           "SparseQKV"]
+__all__ = ["MLP", "AltUp", "MixtureOfDepths", "MixtureOfTokens", "MoE", "MultiplicativeDense",
+           "SparseFF", "SparseQKV"]

@@ -115,6 +115,7 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
     (["decode", "--shapes", "0"], "--shapes '0': give a comma list of d_model values"),
     (["decode", "--tokens", "0"], "--tokens and --context must be at least 1"),
     (["decode", "--context", "0"], "--tokens and --context must be at least 1"),
+    (["decode", "--stack", "0"], "--layers and --stack must be at least 1"),
 ])
 def test_bench_subcommands_reject_bad_arguments(argv, message, capsys):
     from condcomp.cli import main
@@ -128,16 +129,22 @@ def test_bench_decode_table(tmp_path, capsys):
 
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--shapes", "64", "--whole-model", "off", "--tokens", "3",
-                 "--context", "8", "--block-size", "8", "--d-lowrank", "8",
+                 "--context", "8", "--block-size", "8", "--d-lowrank", "8", "--stack", "2",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv"]
     assert rows[0]["speedup"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert all(r["layers"] == 2 for r in rows)  # each step ran a stack of two blocks
     # Sparse FF reads its controller (64 x 8, 8 x 256, bias 256) and, of each of the 32
     # blocks, one row of W1 and W2 and one b1 entry (+ b2), instead of the dense 2 x 64 x 256.
     dense, sparse_ff = rows[0]["params_read"], rows[1]["params_read"]
     assert sparse_ff == dense - 2 * 64 * 256 + (8 * (64 + 256) + 256) + (2 * 32 * 64 + 32 + 64)
     assert rows[1]["weight_bound"] == pytest.approx(dense / sparse_ff)
+    # Sparse QKV (one 64-wide head): the multiplicative layer (gate 64, proj 64 x 64, bias 64),
+    # two 3 x 3 convolutions (64 x 64 channels, bias 64) and the multiplicative output layer,
+    # instead of four dense 64 x 64 projections.
+    mult = 64 + 64 * 64 + 64
+    assert rows[2]["params_read"] == dense - 4 * 64 * 64 + 2 * mult + 2 * (9 * 64 * 64 + 64)
     assert "| block | 64 | sparse_ff+qkv |" in capsys.readouterr().out
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
 from condcomp.errors import ConfigError
-from condcomp.layers import SparseFF, SparseQKV
+from condcomp.layers import MultiplicativeDense, SparseFF, SparseQKV
 from condcomp.model import TransformerLM
 from condcomp.model.rope import RotaryEmbedding
 
@@ -82,6 +82,31 @@ def test_multiplicative_layer_matches_its_definition():
     torch.testing.assert_close(y, expected + layer.bias.view(3, 4))
 
 
+def test_multiplicative_output_layer_matches_its_definition():
+    layer = MultiplicativeDense(d_in=6, d_out=12, n_modules=3)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 5, 6)
+    expected = torch.cat([(x * layer.gate[s]) @ layer.proj for s in range(3)], dim=-1)
+    torch.testing.assert_close(layer(x), expected + layer.bias)
+    # An effective weight W[i, s * 4 + m] = D[s, i] E[i, m]: 3 * 6 + 6 * 4 weights, not 6 * 12.
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 6 + 6 * 4 + 12
+
+
+@pytest.mark.parametrize("output, wo_type", [("dense", torch.nn.Linear),
+                                             ("multiplicative", MultiplicativeDense),
+                                             ("none", torch.nn.Identity)])
+def test_sparse_qkv_output_layer(output, wo_type):
+    model = TransformerLM(tiny_model_cfg(n_kv_heads=4, attention=dict(
+        kind="sparse_qkv", options=dict(output=output))))
+    attn = model.layers[0].block.attn
+    assert isinstance(attn.wo, wo_type)
+    assert_cached_decoding_matches(model, torch.randint(0, 97, (2, 16)), prefill=5)
+    if output == "multiplicative":  # it writes into the residual stream: the small init
+        residual_std = model.cfg.init_std / (2 * model.cfg.n_layers) ** 0.5
+        effective_std = (attn.wo.gate.std() * attn.wo.proj.std()).item()
+        assert effective_std == pytest.approx(residual_std, rel=0.3)
+
+
 def test_sparse_qkv_is_causal():
     layer = SparseQKV(d_model=12, n_heads=3, head_dim=4)
     positions = RotaryEmbedding(4, 32).positions(10)
@@ -130,6 +155,11 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="'mod' wrapper"):
         tiny_model_cfg(n_kv_heads=4, attention=dict(kind="sparse_qkv"),
                        wrapper=dict(kind="mod")).validate()
+    with pytest.raises(ConfigError, match=r"output = 'sparse' is unknown; use one of"):
+        tiny_model_cfg(n_kv_heads=4, attention=dict(kind="sparse_qkv", options=dict(
+            output="sparse"))).validate()
+    with pytest.raises(ConfigError, match="must be d_model = 12 wide"):
+        SparseQKV(d_model=12, n_heads=3, head_dim=8, output="none")
 
 
 def test_compiled_sparse_decode_step_equals_eager():

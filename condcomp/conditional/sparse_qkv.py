@@ -9,13 +9,23 @@ instead of ``d_in * d_out``. Q and K then each pass through a small convolution 
 ``d_module`` units as channels (Trax's ``LocallyConvDense``); V is the multiplicative output.
 
 The FLOPs barely change; the weights read per decoded token drop by an order of magnitude,
-which is what batch-1 decoding is bound by. The length convolution needs the two previous
+which is what batch-1 decoding is bound by.
+
+The paper makes the attention's *output* layer sparse too ("sparse mechanisms for the query,
+key, value and output layers", sec. 1); Trax's ``MultiplicativeConvCausalAttention`` offers no
+output layer at all (its default) or a multiplicative one. ``output`` chooses: ``"dense"``
+keeps the usual ``wo`` (the layer's default, so existing checkpoints load),
+``"multiplicative"`` uses a second multiplicative layer (:class:`MultiplicativeDense`), and
+``"none"`` hands the merged heads straight to the residual stream. At d_model 1024 the dense
+``wo`` is 1.05M of the 1.67M weights a Sparse FF + QKV block reads per token. The length convolution needs the two previous
 tokens' multiplicative outputs: with a KV cache set up, they are kept in a per-position
 history beside it, so cached decoding computes exactly what the full forward does.
 
 Weights: ``gate`` ``[S, D]`` (the D above), ``proj`` ``[D, d_module]`` (E), ``bias``
 ``[d_out]``; ``conv_q.weight`` / ``conv_k.weight`` ``[3, 3, d_module, d_module]`` (length
-tap, module tap, in, out) and their ``bias`` ``[d_module]``. The modules are the heads.
+tap, module tap, in, out) and their ``bias`` ``[d_module]``. The modules are the heads. With
+``output = "multiplicative"`` the attention's ``wo`` holds ``gate`` ``[S, d_in]``, ``proj``
+``[d_in, D / S]`` and ``bias`` ``[D]``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,46 @@ from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 from condcomp.model.rope import Positions
+
+OUTPUTS = ("dense", "multiplicative", "none")
+
+
+def multiplicative(x_BTD: torch.Tensor, gate_SD: torch.Tensor, proj_DM: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    """The multiplicative dense layer, ``y[s, m] = sum_i x_i D[s, i] E[i, m] + b[s, m]``
+    (Jaszczur et al. 2021, sec. 3.2), as ``[B, T, S, M]``."""
+    S, M = gate_SD.shape[0], proj_DM.shape[1]
+    y = torch.einsum("btd,sd,dm->btsm", x_BTD, gate_SD.to(x_BTD.dtype), proj_DM.to(x_BTD.dtype))
+    return y + bias.to(y.dtype).view(S, M)
+
+
+class MultiplicativeDense(nn.Module):
+    """A multiplicative layer as a drop-in linear map ``x[B, T, d_in] -> y[B, T, d_out]``
+    (``d_out`` split into ``S`` modules): the sparse output layer of Sparse QKV attention."""
+
+    def __init__(self, d_in: int, d_out: int, n_modules: int) -> None:
+        super().__init__()
+        if d_out % n_modules:
+            raise ConfigError(f"multiplicative layer: {n_modules} modules must divide its "
+                              f"output width {d_out}")
+        self.gate = nn.Parameter(torch.empty(n_modules, d_in))
+        self.proj = nn.Parameter(torch.empty(d_in, d_out // n_modules))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        self.init_weights(0.02, 0.02)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        # It writes into the residual stream: the effective weight D[s, i] * E[i, m] gets
+        # std 0.5 * 2 * residual_std = residual_std, like the dense output projection's.
+        nn.init.normal_(self.gate, std=0.5)
+        nn.init.normal_(self.proj, std=2.0 * residual_std)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        y = multiplicative(x_BTD, self.gate, self.proj, self.bias)
+        return y.flatten(-2)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.proj.numel() * self.gate.shape[0] + self.gate.numel()
 
 
 class CausalModuleConv(nn.Module):
@@ -75,10 +125,11 @@ class SparseQKV(nn.Module):
     """Multiplicative Q/K/V projections: ``x[B, T, D] -> q, k, v`` each ``[B, T, H, d]``."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, length_kernel: int = 3,
-                 module_kernel: int = 3) -> None:
+                 module_kernel: int = 3, output: str = "dense") -> None:
         super().__init__()
+        check_output(output, d_model, n_heads * head_dim, n_heads)
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
-        self.length_kernel = length_kernel
+        self.length_kernel, self.output = length_kernel, output
         self.gate = nn.Parameter(torch.empty(n_heads, d_model))
         self.proj = nn.Parameter(torch.empty(d_model, head_dim))
         self.bias = nn.Parameter(torch.zeros(n_heads * head_dim))
@@ -93,12 +144,17 @@ class SparseQKV(nn.Module):
         nn.init.normal_(self.proj, std=1.0 / math.sqrt(self.d_model))
         nn.init.zeros_(self.bias)
 
+    def output_layer(self, d_in: int, d_model: int) -> nn.Module:
+        """The attention's output layer ``wo`` (the seam's second half), per ``output``."""
+        if self.output == "multiplicative":
+            return MultiplicativeDense(d_in, d_model, self.n_heads)
+        if self.output == "none":
+            return nn.Identity()
+        return nn.Linear(d_in, d_model, bias=False)
+
     def multiplicative(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """``y[s, m] = sum_i x_i D[s, i] E[i, m] + b``, as ``[B, T, S, d_module]``."""
-        B, T, _ = x_BTD.shape
-        y = torch.einsum("btd,sd,dm->btsm", x_BTD, self.gate.to(x_BTD.dtype),
-                         self.proj.to(x_BTD.dtype))
-        return y + self.bias.view(self.n_heads, self.head_dim)
+        return multiplicative(x_BTD, self.gate, self.proj, self.bias)
 
     def _taps(self, m_BTSM: torch.Tensor, positions: Positions) -> torch.Tensor:
         """``[B, T, J, S, d_module]``: the multiplicative output 0, 1, ..., J-1 tokens back
@@ -142,14 +198,30 @@ class SparseQKV(nn.Module):
             self.history.zero_()
 
 
+def check_output(output: str, d_model: int, d_heads: int, n_heads: int,
+                 key: str = "SparseQKV") -> None:
+    if output not in OUTPUTS:
+        raise ConfigError(f"{key}.output = {output!r} is unknown; use one of {OUTPUTS}")
+    if output == "multiplicative" and d_model % n_heads:
+        raise ConfigError(f"{key}.output = 'multiplicative' splits d_model = {d_model} into "
+                          f"n_heads = {n_heads} modules, which must divide it")
+    if output == "none" and d_heads != d_model:
+        raise ConfigError(f"{key}.output = 'none' adds the merged heads (n_heads * head_dim = "
+                          f"{d_heads}) to the residual stream, so they must be d_model = "
+                          f"{d_model} wide; use output = 'multiplicative' or 'dense'")
+
+
 @dataclass
 class SparseQKVOptions:
     """``[model.attention]`` keys of ``kind = "sparse_qkv"``."""
 
     length_kernel: int = 3  # causal taps over the sequence (Q and K)
     module_kernel: int = 3  # taps over neighbouring modules (heads)
+    output: str = "dense"  # the output layer: dense | multiplicative | none
 
     def validate(self, cfg: ModelConfig) -> None:
+        check_output(self.output, cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_heads,
+                     "model.attention")
         if cfg.kv_heads != cfg.n_heads:
             raise ConfigError("model.attention.kind = 'sparse_qkv' shares one multiplicative "
                               "layer by Q, K and V, so it needs n_kv_heads = n_heads (no GQA)")
@@ -163,7 +235,7 @@ class SparseQKVOptions:
 
 def _build(options: SparseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> SparseQKV:
     return SparseQKV(cfg.d_model, cfg.n_heads, cfg.head_dim, options.length_kernel,
-                     options.module_kernel)
+                     options.module_kernel, options.output)
 
 
 registry.register(registry.Family("sparse_qkv", "attention", SparseQKVOptions, _build,

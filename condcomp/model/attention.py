@@ -1,8 +1,9 @@
 """Causal self-attention, with the attention-projection seam and an optional KV cache.
 
 The Q/K/V projections are the seam (DESIGN.md, seam 2): a registered family maps
-``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``. The dense
-family is three bias-free linear layers. Grouped-query attention (Ainslie et al. 2023) shares
+``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``, and
+builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
+bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al. 2023) shares
 each K/V head among ``H / H_kv`` query heads.
 """
 
@@ -38,6 +39,9 @@ class DenseQKV(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim)
         return q, k, v
 
+    def output_layer(self, d_in: int, d_model: int) -> nn.Module:
+        return nn.Linear(d_in, d_model, bias=False)
+
     def init_weights(self, std: float, residual_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=std)
@@ -51,7 +55,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.qkv = registry.build("attention", cfg, layer_idx)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wo = self.qkv.output_layer(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.dropout_p = cfg.dropout
         self.kv_cache: KVCache | None = None
 
@@ -76,7 +80,8 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def init_weights(self, std: float, residual_std: float) -> None:
-        nn.init.normal_(self.wo.weight, std=residual_std)
+        if isinstance(self.wo, nn.Linear):  # other output layers initialise themselves
+            nn.init.normal_(self.wo.weight, std=residual_std)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: projections, plus QK^T and AV over the causal context.
@@ -86,7 +91,12 @@ class Attention(nn.Module):
         """
         context = (seq_len + 1) / 2
         scores = 2 * 2 * self.n_heads * self.head_dim * context  # QK^T and AV
-        return self.qkv.flops_per_token() + 2.0 * self.wo.weight.numel() + scores
+        return self.qkv.flops_per_token() + self._output_flops() + scores
+
+    def _output_flops(self) -> float:
+        if isinstance(self.wo, nn.Linear):
+            return 2.0 * self.wo.weight.numel()
+        return self.wo.flops_per_token() if hasattr(self.wo, "flops_per_token") else 0.0
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
                     device: torch.device) -> None:
