@@ -59,9 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32, help="timed decode steps per variant")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each variant's decode step (one graph per variant; "
-                   "removes most of eager PyTorch's per-op overhead, which at batch 1 is a "
-                   "large share of a step and hides what sparsity saves)")
+                   help="torch.compile each variant's decode step (one graph per variant, on "
+                   "the CPU with Inductor's C++ wrapper; removes most of eager PyTorch's "
+                   "per-op overhead, which at batch 1 is a large share of a step and hides "
+                   "what sparsity saves)")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=run)
     return p
@@ -98,7 +99,7 @@ class BlockDecoder:
         with torch.no_grad():
             self._forward(self.x_prefill, torch.arange(context, device=device))
         self.pos = context
-        self._step = _maybe_compile(self._forward, compile)
+        self._step = _maybe_compile(self._forward, compile, device)
 
     @property
     def depth(self) -> int:
@@ -126,7 +127,7 @@ class ModelDecoder:
                   input_pos=torch.arange(context, device=device))
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = context
-        self._step = _maybe_compile(self._forward, compile)
+        self._step = _maybe_compile(self._forward, compile, device)
 
     def _forward(self, token_11: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
         return self.model(token_11, input_pos=pos_1).logits
@@ -137,9 +138,15 @@ class ModelDecoder:
         self.pos += 1
 
 
-def _maybe_compile(fn, compile: bool):
+def _maybe_compile(fn, compile: bool, device: torch.device):
     # One token at a tensor position: fixed shapes, so one graph serves every step (gpt-fast).
-    return torch.compile(fn, fullgraph=True) if compile else fn
+    # On the CPU, Inductor's C++ wrapper calls the step's kernels from C++ instead of a Python
+    # function (0.16 ms per block of Sparse FF + QKV at d_model 1024 in a kernel profile), as a
+    # deployed CPU decoder would; every variant is compiled the same way.
+    if not compile:
+        return fn
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    return torch.compile(fn, fullgraph=True, options=options)
 
 
 def time_side_by_side(decoders: dict[str, Any], tokens: int, device: torch.device

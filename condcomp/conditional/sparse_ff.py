@@ -102,7 +102,8 @@ class SparseFF(nn.Module):
 
     def controller_logits(self, x_ND: torch.Tensor) -> torch.Tensor:
         """``[N_tokens, n_blocks, block_size]`` logits of the low-rank controller."""
-        logits = (x_ND @ self.controller_down) @ self.controller_up + self.controller_bias
+        logits = torch.addmm(self.controller_bias, x_ND @ self.controller_down,
+                             self.controller_up)
         return logits.view(-1, self.n_blocks, self.block_size)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
