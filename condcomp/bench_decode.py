@@ -101,10 +101,6 @@ class BlockDecoder:
         self.pos = context
         self._step = _maybe_compile(self._forward, compile, device)
 
-    @property
-    def depth(self) -> int:
-        return len(self.model.layers)
-
     def _forward(self, x_1TD: torch.Tensor, pos_T: torch.Tensor) -> torch.Tensor:
         positions = self.model.rope.positions(x_1TD.shape[1], pos_T)
         for layer in self.model.layers:

@@ -17,9 +17,11 @@ output layer at all (its default) or a multiplicative one. ``output`` chooses: `
 keeps the usual ``wo`` (the layer's default, so existing checkpoints load),
 ``"multiplicative"`` uses a second multiplicative layer (:class:`MultiplicativeDense`), and
 ``"none"`` hands the merged heads straight to the residual stream. At d_model 1024 the dense
-``wo`` is 1.05M of the 1.67M weights a Sparse FF + QKV block reads per token. The length convolution needs the two previous
-tokens' multiplicative outputs: with a KV cache set up, they are kept in a per-position
-history beside it, so cached decoding computes exactly what the full forward does.
+``wo`` is 1.05M of the 1.67M weights a Sparse FF + QKV block reads per token.
+
+The length convolution needs the two previous tokens' multiplicative outputs: with a KV cache
+set up, they are kept in a per-position history beside it, so cached decoding computes exactly
+what the full forward does.
 
 Weights: ``gate`` ``[S, D]`` (the D above), ``proj`` ``[D, d_module]`` (E), ``bias``
 ``[d_out]``; ``conv_q.weight`` / ``conv_k.weight`` ``[3, 3, d_module, d_module]`` (length
