@@ -94,9 +94,10 @@ def mod_model(decode_router="aux_loss", **extra):
 
 
 @pytest.mark.parametrize("decode_router", ["aux_loss", "predictor"])
-def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_router):
+@pytest.mark.parametrize("batch", [3, 1])  # batch 1 decodes through the one-token path
+def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_router, batch):
     model = mod_model(decode_router)
-    x = torch.randint(0, 97, (3, 24))
+    x = torch.randint(0, 97, (batch, 24))
     with torch.no_grad():
         model(x)
         assert 0 < model.layers[1].stats["routed_fraction"] < 1

@@ -115,9 +115,12 @@ class MixtureOfDepths(nn.Module):
             # Causal routing: each token decides alone (sigmoid(logit) > 0.5 <=> logit > 0).
             chosen_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
             self.aux_loss = r_BT.new_zeros(())
+            self.routed_BT = chosen_BT
+            if B * T == 1:  # batch-1 decoding (a histogram of one score would say nothing)
+                self.stats = {"routed_fraction": chosen_BT.float().mean()}
+                return self._decode_one(x_BTD, positions, r_BT, chosen_BT)
             self.stats = {"routed_fraction": chosen_BT.float().mean(),
                           "router_score_hist": score_histogram(r_BT)}
-            self.routed_BT = chosen_BT
             idx_BK, valid_BK = ragged_selection(chosen_BT)
             if idx_BK.shape[1] == 0:  # no token of the batch enters the block
                 return x_BTD
@@ -128,6 +131,16 @@ class MixtureOfDepths(nn.Module):
         if valid_BK is not None:
             new_BKD = torch.where(valid_BK.unsqueeze(-1), new_BKD, x_BKD)
         return x_BTD.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), new_BKD)
+
+    def _decode_one(self, x_11D: torch.Tensor, positions: Positions, r_11: torch.Tensor,
+                    chosen_11: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decoding of one token: the block runs on it or not at all. The same result
+        as the ragged selection, without building one (a sort, a gather and a scatter per
+        routed block and token)."""
+        if not bool(chosen_11):  # a host sync, as the ragged selection's count is
+            return x_11D
+        update_11D = self.block(x_11D, positions)
+        return x_11D + r_11.unsqueeze(-1).to(update_11D.dtype) * update_11D  # eq. 1
 
     def _routing_loss(self, r_BT: torch.Tensor, predictor_BT: torch.Tensor | None,
                       chosen_BT: torch.Tensor) -> torch.Tensor:

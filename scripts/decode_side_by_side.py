@@ -1,0 +1,51 @@
+"""Batch-1 greedy decode time of trained runs, side by side: the runs take turns token by
+token (so a load change on a shared machine hits them alike), and the median step is reported
+with each run's speed-up over the first. For Mixture-of-Depths runs it also prints how many
+routed blocks a token entered, on average.
+    python scripts/decode_side_by_side.py BASELINE_RUN OTHER_RUN [...] [--tokens N] [--repeats R]"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from condcomp.conditional.mod import MixtureOfDepths
+from condcomp.runs import load_run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders; the first is the baseline")
+    p.add_argument("--tokens", type=int, default=0, help="tokens per pass (0: max_seq_len - 1)")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the tokens")
+    args = p.parse_args()
+    models = {Path(r).name: load_run(r).model for r in args.runs}
+    tokens = args.tokens or min(m.cfg.max_seq_len for m in models.values()) - 1
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    entered = dict.fromkeys(models, 0)
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            last = {}
+            for name, model in models.items():
+                model.setup_cache(1, tokens + 1)
+                last[name] = torch.zeros(1, 1, dtype=torch.long)
+            for t in range(tokens):
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    logits = model(last[name], input_pos=torch.tensor([t])).logits
+                    last[name] = logits[:, -1:].argmax(-1)
+                    seconds[name].append(time.perf_counter() - t0)
+                    entered[name] += sum(int(m.routed_BT.sum()) for m in model.modules()
+                                         if isinstance(m, MixtureOfDepths))
+    base = statistics.median(seconds[next(iter(models))])
+    for name, ts in seconds.items():
+        step = statistics.median(ts)
+        routed = entered[name] / (tokens * args.repeats)
+        print(f"{name}: {step * 1e3:.3f} ms/token, {base / step:.2f}x the first run"
+              + (f", routed blocks entered per token {routed:.2f}" if routed else ""))
+
+
+if __name__ == "__main__":
+    main()
