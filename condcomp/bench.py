@@ -24,7 +24,8 @@ re-cast every weight at every token of a memory-bound step.
 
 Compilation (``--compile``). Training compiles the whole model, ours and HF's, with
 ``torch.compile(model)``. Decoding compiles our ``decode_one_token`` with ``fullgraph=True``
-(gpt-fast), and HF's forward the way HF ``generate`` does it itself: a static cache
+(gpt-fast; a Mixture-of-Depths model, whose decoding tokens skip blocks on a host-side decision,
+compiles into the pieces between those decisions), and HF's forward the way HF ``generate`` does it itself: a static cache
 (``cache_implementation="static"``) and a ``CompileConfig`` with the same mode and
 ``fullgraph=True``. The mode is "reduce-overhead" (CUDA graphs) on CUDA and "default" on the
 CPU, where CUDA graphs do not exist. HF auto-compiles only on accelerators unless its
@@ -463,14 +464,14 @@ Runner = Callable[[], tuple[list[int], list[float]]]  # one generation: (tokens,
 
 def decode_runner_ours(model: torch.nn.Module, prompt: list[int], plan: Plan) -> Runner:
     """One greedy generation with :func:`condcomp.generate.generate` per call."""
-    from condcomp.generate import Sampling, decode_one_token, generate
+    from condcomp.generate import Sampling, compile_decode_step, decode_one_token, generate
 
     m = decode_copy(model, plan)
     step = decode_one_token
     if plan.compile:
         # gpt-fast: fixed shapes (a static KV cache, one token at input_pos), so one graph
         # serves every step and every generation.
-        step = torch.compile(decode_one_token, mode=decode_compile_mode(plan), fullgraph=True)
+        step = compile_decode_step(m, decode_compile_mode(plan))
 
     def run_once() -> tuple[list[int], list[float]]:
         stamps: list[float] = []

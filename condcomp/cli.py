@@ -60,7 +60,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from condcomp.data import StreamDecoder
     from condcomp.generate import Sampling, generate
@@ -79,9 +78,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     decode_step = None
     if args.compile:
-        from condcomp.generate import decode_one_token
+        from condcomp.generate import compile_decode_step
 
-        decode_step = torch.compile(decode_one_token, fullgraph=True)
+        decode_step = compile_decode_step(run.model)
     generate(run.model, prompt_ids, args.max_new_tokens, sampling, on_token=emit, seed=args.seed,
              stop_id=run.tokenizer.eos_id, decode_step=decode_step)
     sys.stdout.write(stream.flush() + "\n")

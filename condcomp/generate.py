@@ -67,6 +67,14 @@ def decode_one_token(model: TransformerLM, token_B1: torch.Tensor, input_pos: to
     return model(token_B1, input_pos=input_pos).logits[:, -1]
 
 
+def compile_decode_step(model: TransformerLM, mode: str | None = None) -> Callable:
+    """:func:`decode_one_token` compiled for ``model``: one graph (gpt-fast), unless one of its
+    layers decides on the host whether a token runs it (Mixture-of-Depths lets a decoding
+    token skip a block); then the step compiles into the pieces between those decisions."""
+    one_graph = not any(getattr(m, "decides_on_host", False) for m in model.modules())
+    return torch.compile(decode_one_token, mode=mode, fullgraph=one_graph)
+
+
 def check_fits(prompt_len: int, max_new_tokens: int, context: int) -> None:
     if prompt_len == 0:
         raise GenerationError("the prompt is empty; give at least one character with --prompt")

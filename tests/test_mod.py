@@ -104,6 +104,27 @@ def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_ro
     assert_cached_decoding_matches(model, x, prefill=9)
 
 
+def test_compiled_decoding_equals_eager_decoding():
+    # A decoding token's routing decision is read on the host, so the compiled step cannot be
+    # one graph; compile_decode_step splits it there (a fullgraph compile would fail).
+    from condcomp.generate import Sampling, compile_decode_step, generate
+
+    torch._dynamo.reset()
+    model = mod_model()
+    sampling = Sampling(temperature=1.0)  # varied tokens, so routing varies; seeded below
+    decisions = []
+    hooks = [layer.register_forward_hook(
+        lambda layer, args, out: decisions.append(bool(layer.routed_BT.all())))
+        for layer in (model.layers[1], model.layers[3])]
+    eager = generate(model, [5, 17, 3], 16, sampling, seed=0)
+    for hook in hooks:
+        hook.remove()
+    assert True in decisions[2:] and False in decisions[2:]  # both branches were decoded
+    compiled = generate(model, [5, 17, 3], 16, sampling, seed=0,
+                        decode_step=compile_decode_step(model))
+    assert compiled == eager
+
+
 def test_a_routed_blocks_cache_holds_only_the_tokens_that_went_through():
     model = mod_model()
     x = torch.randint(0, 97, (1, 20))

@@ -47,6 +47,10 @@ class MixtureOfDepths(nn.Module):
     accuracy.
     """
 
+    # A decoding token's routing decision is read on the host, to skip the block's work: a
+    # compiled decode step breaks its graph there (see generate.compile_decode_step).
+    decides_on_host = True
+
     def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125,
                  decode_router: str = "aux_loss", aux_loss_coef: float = 1e-2,
                  predictor_hidden: int = 0) -> None:
