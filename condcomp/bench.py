@@ -24,10 +24,10 @@ re-cast every weight at every token of a memory-bound step.
 
 Compilation (``--compile``). Training compiles the whole model, ours and HF's, with
 ``torch.compile(model)``. Decoding compiles our ``decode_one_token`` with ``fullgraph=True``
-(gpt-fast; a Mixture-of-Depths model, whose decoding tokens skip blocks on a host-side decision,
-compiles into the pieces between those decisions), and HF's forward the way HF ``generate`` does it itself: a static cache
-(``cache_implementation="static"``) and a ``CompileConfig`` with the same mode and
-``fullgraph=True``. The mode is "reduce-overhead" (CUDA graphs) on CUDA and "default" on the
+(gpt-fast; a Mixture-of-Depths model, whose decoding tokens skip blocks on a host-side
+decision, compiles into the pieces between those decisions), and HF's forward the way HF
+``generate`` does it itself: a static cache (``cache_implementation="static"``) and a
+``CompileConfig`` with the same mode and ``fullgraph=True``. The mode is "reduce-overhead" (CUDA graphs) on CUDA and "default" on the
 CPU, where CUDA graphs do not exist. HF auto-compiles only on accelerators unless its
 ``CompileConfig._compile_all_devices`` flag is set (what HF's own tests do); we set it on the
 CPU, and check afterwards that HF really ran compiled. On the CPU compiling decode costs

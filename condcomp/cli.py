@@ -60,7 +60,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
     from condcomp.data import StreamDecoder
     from condcomp.generate import Sampling, generate
     from condcomp.runs import load_run

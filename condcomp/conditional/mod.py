@@ -120,11 +120,10 @@ class MixtureOfDepths(nn.Module):
             chosen_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
             self.aux_loss = r_BT.new_zeros(())
             self.routed_BT = chosen_BT
+            self.stats = {"routed_fraction": chosen_BT.float().mean()}
             if B * T == 1:  # batch-1 decoding (a histogram of one score would say nothing)
-                self.stats = {"routed_fraction": chosen_BT.float().mean()}
                 return self._decode_one(x_BTD, positions, r_BT, chosen_BT)
-            self.stats = {"routed_fraction": chosen_BT.float().mean(),
-                          "router_score_hist": score_histogram(r_BT)}
+            self.stats["router_score_hist"] = score_histogram(r_BT)
             idx_BK, valid_BK = ragged_selection(chosen_BT)
             if idx_BK.shape[1] == 0:  # no token of the batch enters the block
                 return x_BTD

@@ -1,10 +1,10 @@
 """Causal self-attention, with the attention-projection seam and an optional KV cache.
 
 The Q/K/V projections are the seam (DESIGN.md, seam 2): a registered family maps
-``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``, and
-builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
-bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al. 2023) shares
-each K/V head among ``H / H_kv`` query heads.
+``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``,
+and builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
+bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al.
+2023) shares each K/V head among ``H / H_kv`` query heads.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ class Attention(nn.Module):
     def _output_flops(self) -> float:
         if isinstance(self.wo, nn.Linear):
             return 2.0 * self.wo.weight.numel()
-        return self.wo.flops_per_token() if hasattr(self.wo, "flops_per_token") else 0.0
+        if isinstance(self.wo, nn.Identity):  # Sparse QKV with output = "none"
+            return 0.0
+        return self.wo.flops_per_token()  # any other output layer reports its own
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
                     device: torch.device) -> None:
