@@ -26,9 +26,10 @@ class Recorder(torch.nn.Module):
         return 100.0 + seq_len
 
 
-def test_training_sends_exactly_the_top_k_tokens_and_scales_only_the_update():
+@pytest.mark.parametrize("router_weight", ["logit", "sigmoid"])
+def test_training_sends_exactly_the_top_k_tokens_and_scales_only_the_update(router_weight):
     block = Recorder()
-    mod = MixtureOfDepths(block, d_model=8, capacity=0.25).train()
+    mod = MixtureOfDepths(block, d_model=8, capacity=0.25, router_weight=router_weight).train()
     x = torch.randn(2, 16, 8)
     positions = RotaryEmbedding(4, 32).positions(16)
     y = mod(x, positions)
@@ -38,7 +39,8 @@ def test_training_sends_exactly_the_top_k_tokens_and_scales_only_the_update():
     top = r.topk(4, dim=1).indices.sort(dim=1).values
     assert torch.equal(pos.pos_BT, top)  # original positions, in order
     chosen = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, top, True)
-    expected = x + (r * chosen).unsqueeze(-1) * torch.ones_like(x)  # x + r * f(x) for chosen
+    weight = torch.sigmoid(r) if router_weight == "sigmoid" else r
+    expected = x + (weight * chosen).unsqueeze(-1) * torch.ones_like(x)  # x + w(r) f(x), chosen
     torch.testing.assert_close(y, expected)
     assert mod.stats["routed_fraction"] == pytest.approx(0.25)
 
@@ -48,8 +50,10 @@ def test_k_is_never_zero():
     assert mod.tokens_in_block(16) == 1
 
 
-def test_router_gets_a_gradient_through_the_scaled_update():
-    mod = MixtureOfDepths(Recorder(), d_model=8, capacity=0.5, aux_loss_coef=0.0).train()
+@pytest.mark.parametrize("router_weight", ["logit", "sigmoid"])
+def test_router_gets_a_gradient_through_the_scaled_update(router_weight):
+    mod = MixtureOfDepths(Recorder(), d_model=8, capacity=0.5, aux_loss_coef=0.0,
+                          router_weight=router_weight).train()
     y = mod(torch.randn(1, 8, 8), RotaryEmbedding(4, 32).positions(8))
     y.sum().backward()
     assert mod.router.weight.grad.abs().sum() > 0
@@ -80,9 +84,10 @@ def test_ragged_selection_pads_with_skipped_tokens_after_the_real_ones():
     assert valid.tolist() == [[True, True, True], [True, False, False]]
 
 
-def mod_model(decode_router="aux_loss", **extra):
+def mod_model(decode_router="aux_loss", router_weight="logit", **extra):
     cfg = tiny_model_cfg(n_layers=4, wrapper=dict(
-        kind="mod", layers="odd", options=dict(capacity=0.25, decode_router=decode_router)),
+        kind="mod", layers="odd", options=dict(capacity=0.25, decode_router=decode_router,
+                                               router_weight=router_weight)),
         **extra)
     model = TransformerLM(cfg).eval()
     with torch.no_grad():  # a router that sends about half the tokens through
@@ -93,10 +98,12 @@ def mod_model(decode_router="aux_loss", **extra):
     return model
 
 
-@pytest.mark.parametrize("decode_router", ["aux_loss", "predictor"])
+@pytest.mark.parametrize(("decode_router", "router_weight"),
+                         [("aux_loss", "logit"), ("predictor", "logit"), ("aux_loss", "sigmoid")])
 @pytest.mark.parametrize("batch", [3, 1])  # batch 1 decodes through the one-token path
-def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_router, batch):
-    model = mod_model(decode_router)
+def test_cached_decoding_equals_the_full_forward_with_the_same_routing(decode_router,
+                                                                       router_weight, batch):
+    model = mod_model(decode_router, router_weight)
     x = torch.randint(0, 97, (batch, 24))
     with torch.no_grad():
         model(x)
@@ -180,6 +187,8 @@ def test_mod_config_errors():
         tiny_model_cfg(wrapper=dict(kind="mod", options=dict(capacity=0.0))).validate()
     with pytest.raises(ConfigError, match="decode_router = 'oracle' is unknown"):
         tiny_model_cfg(wrapper=dict(kind="mod", options=dict(decode_router="oracle"))).validate()
+    with pytest.raises(ConfigError, match="router_weight = 'softmax' is unknown"):
+        tiny_model_cfg(wrapper=dict(kind="mod", options=dict(router_weight="softmax"))).validate()
 
 
 def test_active_params_count_the_block_for_the_routed_share_only():

@@ -7,6 +7,13 @@ so the compute and memory saved are real. Their output is ``x_i + r_i * f(x)_i``
 block's update is scaled by the router weight, which gives the router its gradient; the
 residual is never scaled); every other token passes through unchanged.
 
+``router_weight`` says what scales the update: ``"logit"`` is eq. 1's raw ``r_i``;
+``"sigmoid"`` is ``sigmoid(r_i)``, the same monotone function of the same score (so the same
+tokens are chosen, and the same ``sigmoid(r) > 0.5`` rule decodes) but bounded in (0, 1) and
+0.5 at initialisation. With the raw logit a routed block starts almost switched off: a small
+init gives ``|r|`` of a few thousandths, so the block's update is scaled away until the router
+has grown (see docs/benchmarks.md, "Mixture-of-Depths: the router weight").
+
 Top-k over a sequence looks at future tokens, so it cannot route while decoding (sec. 3.5).
 The paper's two fixes are both here (``decode_router``):
 
@@ -36,6 +43,7 @@ from condcomp.model.block import Block
 from condcomp.model.rope import Positions
 
 DECODE_ROUTERS = ("aux_loss", "predictor")
+ROUTER_WEIGHTS = ("logit", "sigmoid")
 
 
 class MixtureOfDepths(nn.Module):
@@ -53,11 +61,12 @@ class MixtureOfDepths(nn.Module):
 
     def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125,
                  decode_router: str = "aux_loss", aux_loss_coef: float = 1e-2,
-                 predictor_hidden: int = 0) -> None:
+                 predictor_hidden: int = 0, router_weight: str = "logit") -> None:
         super().__init__()
-        check_mod_options(capacity, decode_router, aux_loss_coef)
+        check_mod_options(capacity, decode_router, aux_loss_coef, router_weight)
         self.block = block
         self.d_model, self.capacity, self.decode_router = d_model, capacity, decode_router
+        self.router_weight = router_weight
         self.aux_loss_coef = aux_loss_coef
         self.router = nn.Linear(d_model, 1, bias=False)
         self.predictor = None
@@ -129,8 +138,8 @@ class MixtureOfDepths(nn.Module):
                 return x_BTD
         x_BKD = torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
         update_BKD = self.block(x_BKD, positions.select(idx_BK, valid_BK))
-        r_BK = torch.gather(r_BT, 1, idx_BK).unsqueeze(-1).to(update_BKD.dtype)
-        new_BKD = x_BKD + r_BK * update_BKD  # Raposo et al. eq. 1
+        weight_BK = self._update_weight(torch.gather(r_BT, 1, idx_BK))
+        new_BKD = x_BKD + weight_BK.unsqueeze(-1).to(update_BKD.dtype) * update_BKD  # eq. 1
         if valid_BK is not None:
             new_BKD = torch.where(valid_BK.unsqueeze(-1), new_BKD, x_BKD)
         return x_BTD.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), new_BKD)
@@ -143,7 +152,12 @@ class MixtureOfDepths(nn.Module):
         if not bool(chosen_11):  # a host sync, as the ragged selection's count is
             return x_11D
         update_11D = self.block(x_11D, positions)
-        return x_11D + r_11.unsqueeze(-1).to(update_11D.dtype) * update_11D  # eq. 1
+        weight_11 = self._update_weight(r_11)
+        return x_11D + weight_11.unsqueeze(-1).to(update_11D.dtype) * update_11D  # eq. 1
+
+    def _update_weight(self, r: torch.Tensor) -> torch.Tensor:
+        """What scales a routed token's block update: the router logit (eq. 1) or its sigmoid."""
+        return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
 
     def _routing_loss(self, r_BT: torch.Tensor, predictor_BT: torch.Tensor | None,
                       chosen_BT: torch.Tensor) -> torch.Tensor:
@@ -154,7 +168,8 @@ class MixtureOfDepths(nn.Module):
         return self.aux_loss_coef * F.binary_cross_entropy_with_logits(r_BT, target_BT)
 
     def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, decode_router={self.decode_router}"
+        return (f"capacity={self.capacity}, decode_router={self.decode_router}, "
+                f"router_weight={self.router_weight}")
 
 
 SCORE_BINS, SCORE_RANGE = 16, 4.0
@@ -183,7 +198,7 @@ def ragged_selection(chosen_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def check_mod_options(capacity: float, decode_router: str, aux_loss_coef: float,
-                      key: str = "MixtureOfDepths") -> None:
+                      router_weight: str, key: str = "MixtureOfDepths") -> None:
     if not 0.0 < capacity <= 1.0:
         raise ConfigError(f"{key}.capacity = {capacity} must be in (0, 1]; the paper's best is "
                           "0.125 (12.5% of the tokens enter the block)")
@@ -192,6 +207,9 @@ def check_mod_options(capacity: float, decode_router: str, aux_loss_coef: float,
                           f"{DECODE_ROUTERS}")
     if aux_loss_coef < 0:
         raise ConfigError(f"{key}.aux_loss_coef = {aux_loss_coef} must not be negative")
+    if router_weight not in ROUTER_WEIGHTS:
+        raise ConfigError(f"{key}.router_weight = {router_weight!r} is unknown; use one of "
+                          f"{ROUTER_WEIGHTS}")
 
 
 @dataclass
@@ -203,9 +221,11 @@ class MoDOptions:
     decode_router: str = "aux_loss"  # aux_loss | predictor
     aux_loss_coef: float = 1e-2  # weight of the BCE on the router logits (aux_loss mode)
     predictor_hidden: int = 0  # 0: d_model / 8
+    router_weight: str = "logit"  # logit (eq. 1) | sigmoid: what scales the block's update
 
     def validate(self, cfg: ModelConfig) -> None:
-        check_mod_options(self.capacity, self.decode_router, self.aux_loss_coef, "model.wrapper")
+        check_mod_options(self.capacity, self.decode_router, self.aux_loss_coef,
+                          self.router_weight, "model.wrapper")
         if self.predictor_hidden < 0:
             raise ConfigError("model.wrapper.predictor_hidden must not be negative")
 
@@ -213,7 +233,8 @@ class MoDOptions:
 def _build(options: MoDOptions, cfg: ModelConfig, layer_idx: int | None) -> MixtureOfDepths:
     assert layer_idx is not None
     return MixtureOfDepths(Block(cfg, layer_idx), cfg.d_model, options.capacity,
-                           options.decode_router, options.aux_loss_coef, options.predictor_hidden)
+                           options.decode_router, options.aux_loss_coef, options.predictor_hidden,
+                           options.router_weight)
 
 
 registry.register(registry.Family("mod", "wrapper", MoDOptions, _build, "mixture-of-depths"))
