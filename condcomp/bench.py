@@ -27,11 +27,12 @@ Compilation (``--compile``). Training compiles the whole model, ours and HF's, w
 (gpt-fast; a Mixture-of-Depths model, whose decoding tokens skip blocks on a host-side
 decision, compiles into the pieces between those decisions), and HF's forward the way HF
 ``generate`` does it itself: a static cache (``cache_implementation="static"``) and a
-``CompileConfig`` with the same mode and ``fullgraph=True``. The mode is "reduce-overhead" (CUDA graphs) on CUDA and "default" on the
-CPU, where CUDA graphs do not exist. HF auto-compiles only on accelerators unless its
-``CompileConfig._compile_all_devices`` flag is set (what HF's own tests do); we set it on the
-CPU, and check afterwards that HF really ran compiled. On the CPU compiling decode costs
-20-30 s per model once and pays back within a few hundred tokens (about 3x for ours).
+``CompileConfig`` with the same mode and ``fullgraph=True``. The mode is "reduce-overhead"
+(CUDA graphs) on CUDA and "default" on the CPU, where CUDA graphs do not exist. HF
+auto-compiles only on accelerators unless its ``CompileConfig._compile_all_devices`` flag is
+set (what HF's own tests do); we set it on the CPU, and check afterwards that HF really ran
+compiled. On the CPU compiling decode costs 20-30 s per model once and pays back within a
+few hundred tokens (about 3x for ours).
 """
 
 from __future__ import annotations
@@ -470,7 +471,7 @@ def decode_runner_ours(model: torch.nn.Module, prompt: list[int], plan: Plan) ->
     step = decode_one_token
     if plan.compile:
         # gpt-fast: fixed shapes (a static KV cache, one token at input_pos), so one graph
-        # serves every step and every generation.
+        # (or, for Mixture-of-Depths, one set of pieces) serves every step and generation.
         step = compile_decode_step(m, decode_compile_mode(plan))
 
     def run_once() -> tuple[list[int], list[float]]:

@@ -138,8 +138,7 @@ class MixtureOfDepths(nn.Module):
                 return x_BTD
         x_BKD = torch.gather(x_BTD, 1, idx_BK.unsqueeze(-1).expand(-1, -1, D))
         update_BKD = self.block(x_BKD, positions.select(idx_BK, valid_BK))
-        weight_BK = self._update_weight(torch.gather(r_BT, 1, idx_BK))
-        new_BKD = x_BKD + weight_BK.unsqueeze(-1).to(update_BKD.dtype) * update_BKD  # eq. 1
+        new_BKD = self._add_update(x_BKD, torch.gather(r_BT, 1, idx_BK), update_BKD)
         if valid_BK is not None:
             new_BKD = torch.where(valid_BK.unsqueeze(-1), new_BKD, x_BKD)
         return x_BTD.scatter(1, idx_BK.unsqueeze(-1).expand(-1, -1, D), new_BKD)
@@ -151,13 +150,14 @@ class MixtureOfDepths(nn.Module):
         routed block and token)."""
         if not bool(chosen_11):  # a host sync, as the ragged selection's count is
             return x_11D
-        update_11D = self.block(x_11D, positions)
-        weight_11 = self._update_weight(r_11)
-        return x_11D + weight_11.unsqueeze(-1).to(update_11D.dtype) * update_11D  # eq. 1
+        return self._add_update(x_11D, r_11, self.block(x_11D, positions))
 
-    def _update_weight(self, r: torch.Tensor) -> torch.Tensor:
-        """What scales a routed token's block update: the router logit (eq. 1) or its sigmoid."""
-        return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
+    def _add_update(self, x_BKD: torch.Tensor, r_BK: torch.Tensor,
+                    update_BKD: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 for routed tokens: ``x + w(r) * f(x)``, where ``w`` is the router logit
+        itself or its sigmoid (``router_weight``); the residual is never scaled."""
+        weight_BK = torch.sigmoid(r_BK) if self.router_weight == "sigmoid" else r_BK
+        return x_BKD + weight_BK.unsqueeze(-1).to(update_BKD.dtype) * update_BKD
 
     def _routing_loss(self, r_BT: torch.Tensor, predictor_BT: torch.Tensor | None,
                       chosen_BT: torch.Tensor) -> torch.Tensor:
