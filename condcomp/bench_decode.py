@@ -99,7 +99,7 @@ class BlockDecoder:
         with torch.no_grad():
             self._forward(self.x_prefill, torch.arange(context, device=device))
         self.pos = context
-        self._step = _maybe_compile(self._forward, compile, device)
+        self._step = maybe_compile(self._forward, compile, device)
 
     def _forward(self, x_1TD: torch.Tensor, pos_T: torch.Tensor) -> torch.Tensor:
         positions = self.model.rope.positions(x_1TD.shape[1], pos_T)
@@ -123,7 +123,7 @@ class ModelDecoder:
                   input_pos=torch.arange(context, device=device))
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = context
-        self._step = _maybe_compile(self._forward, compile, device)
+        self._step = maybe_compile(self._forward, compile, device)
 
     def _forward(self, token_11: torch.Tensor, pos_1: torch.Tensor) -> torch.Tensor:
         return self.model(token_11, input_pos=pos_1).logits
@@ -134,7 +134,7 @@ class ModelDecoder:
         self.pos += 1
 
 
-def _maybe_compile(fn, compile: bool, device: torch.device):
+def maybe_compile(fn, compile: bool, device: torch.device):
     # One token at a tensor position: fixed shapes, so one graph serves every step (gpt-fast).
     # On the CPU, Inductor's C++ wrapper calls the step's kernels from C++ instead of a Python
     # function (0.16 ms per block of Sparse FF + QKV at d_model 1024 in a kernel profile), as a

@@ -3,6 +3,11 @@
 # the benchmarks whose figures docs/benchmarks.md records. Each section runs under its own
 # time limit, so one failure does not hide the others; figures go to $OUT (default runs/gpu).
 #   scripts/gpu_checks.sh tests moe decode models dense models-compiled
+# Durations seen on the H100 (docs/gpu/h100_run3_log.txt): tests 83 s, moe 27 s, moe-profile
+# 17 s, models 106 s; models-compiled ran past its 300 s (the MoT model's compile). For a
+# 15-minute lease, in one call of under 10 minutes, the open goals first:
+#   scripts/gpu_checks.sh tests moe moe-compiled models decode
+#   FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
