@@ -6,10 +6,11 @@
 # Durations seen on the H100 (docs/gpu/h100_run3_log.txt): tests 83 s, moe 27 s, moe-profile
 # 17 s, models 106 s; models-compiled ran past its 300 s (the MoT model's compile). For a
 # 15-minute lease, in one call of under 10 minutes, the open goals first:
-#   scripts/gpu_checks.sh tests moe moe-compiled models decode
+#   scripts/gpu_checks.sh tests moe moe-compiled models decode mod-decode
 #   FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 set -u
 OUT=${OUT:-runs/gpu}
+RUNS=${RUNS:-/tmp/condcomp_gpu_runs}  # trained runs stay out of $OUT (too many files to fetch)
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
@@ -21,6 +22,9 @@ section() { echo; echo "=== $1 ($(date +%T))"; }
 SHAPE=(--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16
        --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000
        --batch-size 16 --seq-len 2048)
+# Issue 4's trained-router decode (section mod-decode): the same width and depth, on the corpus.
+MOD_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16 \
+--set model.d_ff=2816 --set model.max_seq_len=1024"
 FAMILIES=${FAMILIES:-configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml}
 
 for what in "$@"; do
@@ -50,6 +54,24 @@ for what in "$@"; do
       section "bench models, compiled training"
       timeout 300 "${cc[@]}" bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
         --compile --what train --json "$OUT/models_compiled.json" ;;
+    mod-decode)
+      # Issue 4's decode goal needs routers that route what a trained router does (~12.5%); an
+      # untrained bias-free router routes 0% or 50% (docs/benchmarks.md). So train dense and
+      # MoD at one shape on the corpus for MOD_STEPS steps, then decode them side by side.
+      section "MoD decode on trained runs"
+      read -r -a mod_shape <<< "${MOD_SHAPE:-$MOD_SHAPE_DEFAULT}"
+      steps=${MOD_STEPS:-300}
+      train=("${mod_shape[@]}" --set train.seq_len=1024 --set train.batch_size=16
+             --set train.lr=1e-3 --set train.max_steps="$steps"
+             --set train.max_tokens=$((steps * 16384)) --set train.warmup_steps=30
+             --set train.eval_every="$steps" --set train.eval_tokens=65536
+             --set train.progress=false)
+      for preset in dense_small mod; do
+        timeout 300 "${cc[@]}" train --config "configs/$preset.toml" "${train[@]}" \
+          --set "out_dir=\"$RUNS/$preset\"" | tail -1
+      done
+      timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
+        --device "${DECODE_DEVICE:-cuda}" --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
     dense)
       section "bench dense vs HF Llama, compiled"
       timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
