@@ -67,11 +67,12 @@ for what in "$@"; do
              --set train.eval_every="$steps" --set train.eval_tokens=65536
              --set train.progress=false)
       for preset in dense_small mod; do
+        rm -rf "${RUNS:?}/$preset"  # a scratch run: a second call trains afresh
         timeout 300 "${cc[@]}" train --config "configs/$preset.toml" "${train[@]}" \
           --set "out_dir=\"$RUNS/$preset\"" | tail -1
       done
       timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
-        --device "${DECODE_DEVICE:-cuda}" --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
+        --device "${DECODE_DEVICE:-cuda}" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
     dense)
       section "bench dense vs HF Llama, compiled"
       timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
