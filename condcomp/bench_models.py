@@ -154,6 +154,10 @@ def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Pl
         if share is not None:
             row["decode"]["routed_share"] = share
             log(f"  {name}: routed blocks took {share:.1%} of the decoded tokens")
+            warning = routing_unlike_training(models[name], share)
+            if warning:
+                row["decode"]["routing_unlike_training"] = True
+                log(f"  {name}: {warning}")
 
 
 def train_routers(model: torch.nn.Module, plan: bench.Plan, steps: int) -> bool:
@@ -215,6 +219,26 @@ def decode_routed_share(model: torch.nn.Module, tokens: list[int], plan: bench.P
     return sum(shares) / len(shares) if shares else None
 
 
+def routing_unlike_training(model: torch.nn.Module, share: float) -> str | None:
+    """A warning when the decode routing share is far (over 2x either way) from the share the
+    routed blocks were trained to take: then the decode speed is not what a trained model's
+    would be. An untrained bias-free router routes about half of the tokens or almost none,
+    whatever ``--train-routers`` asks of it, because an untrained residual stream has almost no
+    mean direction to set a threshold with (docs/benchmarks.md)."""
+    from condcomp.conditional.mod import MixtureOfDepths
+
+    capacities = [m.capacity for m in model.modules() if isinstance(m, MixtureOfDepths)]
+    if not capacities:
+        return None
+    capacity = sum(capacities) / len(capacities)
+    if capacity / 2 <= share <= 2 * capacity:
+        return None
+    return (f"its routed blocks took {share:.1%} of the decoded tokens against a trained "
+            f"capacity of {capacity:.1%}, so this decode speed is not a trained router's; "
+            "time trained runs instead (scripts/gpu_checks.sh mod-decode, "
+            "scripts/decode_side_by_side.py --feed val)")
+
+
 def format_table(result: dict[str, Any]) -> str:
     head = ["model", "params", "active params", "FLOPs/token", "FLOPs vs base", "train tok/s",
             "step speed-up", "MFU", "peak mem", "decode tok/s", "decode speed-up"]
@@ -223,7 +247,8 @@ def format_table(result: dict[str, Any]) -> str:
         t, d = m.get("train"), m.get("decode")
         decode = f"{d['tokens_per_s']:,.1f}" if d else "-"
         if d and "routed_share" in d:
-            decode += f" ({d['routed_share']:.0%} routed)"
+            untrained = ", unlike training" if d.get("routing_unlike_training") else ""
+            decode += f" ({d['routed_share']:.0%} routed{untrained})"
         rows.append([
             name, bench._si(m["params"]), bench._si(m["active_params"]),
             bench._si(m["flops_per_token"]), f"{m['flops_ratio']:.2f}",

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_model_cfg
 
 from condcomp.bench import add_parser, format_table, run
 from condcomp.errors import ConfigError
@@ -169,6 +170,18 @@ def test_bench_models_sets_families_against_the_first(tmp_path, capsys):
     assert "routed_share" not in models["altup"]["decode"]
     assert all(m["train"]["step_s_median"] > 0 for m in models.values())
     assert "| mod " in capsys.readouterr().out
+
+
+def test_bench_models_flags_a_decode_routing_share_far_from_the_trained_capacity():
+    from condcomp.bench_models import routing_unlike_training
+    from condcomp.model import TransformerLM
+
+    mod = TransformerLM(tiny_model_cfg(n_layers=4, wrapper=dict(
+        kind="mod", layers="odd", options=dict(capacity=0.125))))
+    assert routing_unlike_training(mod, 0.10) is None  # what a trained router routes
+    for share in (0.0, 0.05, 0.53):  # what untrained routers have routed
+        assert "trained capacity of 12.5%" in routing_unlike_training(mod, share)
+    assert routing_unlike_training(TransformerLM(tiny_model_cfg()), 0.0) is None  # no MoD
 
 
 def test_bench_models_needs_a_baseline_and_one_more(capsys):
