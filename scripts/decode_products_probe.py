@@ -23,7 +23,14 @@ import time
 
 import torch
 
-from condcomp.bench_decode import SHAPES, WARMUP_STEPS, BlockDecoder, maybe_compile, variant_config
+from condcomp.bench_decode import (
+    SHAPES,
+    WARMUP_STEPS,
+    BlockDecoder,
+    maybe_compile,
+    time_side_by_side,
+    variant_config,
+)
 from condcomp.model import TransformerLM
 
 
@@ -84,16 +91,8 @@ def main() -> None:
                               ).eval()
         decoders[(variant, "block")] = BlockDecoder(model, args.context, args.compile)
         decoders[(variant, "products")] = ProductsDecoder(model, args.compile)
-    for decoder in decoders.values():
-        for _ in range(WARMUP_STEPS):
-            decoder.step()
-    times = {key: [] for key in decoders}
-    for _ in range(args.tokens):
-        for key, decoder in decoders.items():
-            t0 = time.perf_counter()
-            decoder.step()
-            times[key].append(time.perf_counter() - t0)
-    ms = {key: 1e3 * statistics.median(ts) / args.stack for key, ts in times.items()}
+    seconds = time_side_by_side(decoders, args.tokens, torch.device("cpu"))
+    ms = {key: 1e3 * s / args.stack for key, s in seconds.items()}
     mode = "compiled" if args.compile else "eager"
     print(f"d_model {args.d_model}, {mode}, stack {args.stack}, N = {args.block_size}, "
           f"ms per block (median of {args.tokens} steps)")
