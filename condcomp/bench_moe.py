@@ -15,7 +15,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from condcomp.bench import report
 from condcomp.errors import ConfigError
 from condcomp.layers import MLP, MoE
+from condcomp.master_weights import PARAM_DTYPES, MasterWeights, matrix_weights
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
 
 
@@ -43,6 +44,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how the layers store their matrix weights: bfloat16 is what "
+                   "train.param_dtype = 'bfloat16' trains with (no per-step weight casts; "
+                   "needs bf16 compute)")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
@@ -68,8 +73,10 @@ def parse_experts(text: str) -> list[tuple[int, int]]:
 
 
 def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, steps: int,
-                 warmup: int, amp: torch.dtype | None) -> float:
-    """Median seconds of one forward + backward pass."""
+                 warmup: int, amp: torch.dtype | None,
+                 masters: Sequence[nn.Parameter] = ()) -> float:
+    """Median seconds of one forward + backward pass (``masters``: fp32 master weights whose
+    gradients the pass fills, cleared between passes like the layer's own)."""
     device = x_BTD.device
     times = []
     for i in range(warmup + steps):
@@ -84,8 +91,8 @@ def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, 
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        for p in layer.parameters():
-            p.grad = None
+        for p in (*layer.parameters(), *masters):
+            p.grad = None  # as the optimizer's zero_grad between steps
     return statistics.median(times)
 
 
@@ -108,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     d_ff = args.d_ff or max(64, round(8 * d_model / 3 / 64) * 64)
     tokens = args.tokens or (65536 if cuda else 4096)
     amp = autocast_dtype(device, args.dtype)
+    param_dtype = PARAM_DTYPES[args.param_dtype]
+    if param_dtype != torch.float32 and amp != param_dtype:
+        raise ConfigError(f"--param-dtype {args.param_dtype} stores the weights that "
+                          f"{args.param_dtype} autocast would cast: add --dtype {args.param_dtype}")
     peer = args.peer or ("hf" if _has_transformers() else "none")
     configs = parse_experts(args.experts)
     for e, k in configs:
@@ -118,43 +129,54 @@ def run(args: argparse.Namespace) -> int:
     seq = 1024 if tokens % 1024 == 0 else tokens
     x = torch.randn(tokens // seq, seq, d_model, device=device)
     grad = torch.randn_like(x)
-    maybe_compile: Callable[[nn.Module], nn.Module] = (
+    compile_fn: Callable[[nn.Module], nn.Module] = (
         torch.compile if args.compile else (lambda m: m))
 
+    def timed(layer: nn.Module) -> float:
+        masters: list[nn.Parameter] = []
+        if param_dtype != torch.float32 and layer_dtype(layer) == torch.float32:
+            # As training stores them: bf16 weights whose gradients the backward adds into
+            # fp32 masters (part of the timed pass); the copy-back is per optimizer step, like
+            # the update, and is not timed. The HF peer, built from the MoE's weights, is
+            # already bf16 and keeps bf16 gradients.
+            masters = MasterWeights(layer, param_dtype).masters
+        return time_fwd_bwd(compile_fn(layer), x, grad, args.steps, args.warmup, amp, masters)
+
     dense = MLP(d_model, d_ff, "swiglu").to(device)
-    dense_s = time_fwd_bwd(maybe_compile(dense), x, grad, args.steps, args.warmup, amp)
+    dense_s = timed(dense)
     dense_flops = 3 * dense.flops_per_token()
     rows: list[dict[str, Any]] = [_row("dense SwiGLU FFN", "-", dense_s, tokens, dense_flops, 1.0)]
     print(f"dense d_ff={d_ff}: {tokens / dense_s:,.0f} tokens/s")
     for e, k in configs:
         moe = MoE(d_model, d_ff // k, e, k, normalize_topk=True).to(device)
-        moe_s = time_fwd_bwd(maybe_compile(moe), x, grad, args.steps, args.warmup, amp)
+        moe_s = timed(moe)
         flops = 3 * moe.flops_per_token()
         rows.append(_row("condcomp MoE", f"{e}:{k}", moe_s, tokens, flops, dense_s / moe_s))
         print(f"MoE E={e} k={k}: {tokens / moe_s:,.0f} tokens/s ({dense_s / moe_s:.2f}x dense)")
         if peer == "hf":
-            rows += _bench_hf(moe, e, k, x, grad, args, amp, tokens, flops, dense_s, moe_s,
-                              maybe_compile)
+            rows += _bench_hf(moe, e, k, args.hf_impls, tokens, flops, dense_s, moe_s, timed)
         del moe
     result = {"device": device_name(device), "torch": torch.__version__, "d_model": d_model,
               "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
+              "param_dtype": str(param_dtype),
               "compile": args.compile, "command": " ".join(sys.argv), "rows": rows}
     report(result, format_table(result), args.json)
     return 0
 
 
-def _bench_hf(moe: MoE, e: int, k: int, x, grad, args, amp, tokens, flops, dense_s, moe_s,
-              maybe_compile) -> list[dict[str, Any]]:
+def _bench_hf(moe: MoE, e: int, k: int, hf_impls: str, tokens: int, flops: float,
+              dense_s: float, moe_s: float, timed: Callable[[nn.Module], float]
+              ) -> list[dict[str, Any]]:
     from condcomp.hf import hf_experts_implementations, to_hf_mixtral_block
 
     rows = []
-    wanted = None if args.hf_impls == "all" else set(args.hf_impls.split(","))
+    wanted = None if hf_impls == "all" else set(hf_impls.split(","))
     for impl in hf_experts_implementations():
         if wanted is not None and impl not in wanted:
             continue
         block = to_hf_mixtral_block(moe, impl).train()
         try:
-            hf_s = time_fwd_bwd(maybe_compile(block), x, grad, args.steps, args.warmup, amp)
+            hf_s = timed(block)
         except Exception as exc:  # an HF kernel this machine lacks (deepgemm, sonicmoe, ...)
             print(f"HF Mixtral [{impl}]: skipped ({str(exc).splitlines()[0][:100]})")
             continue
@@ -173,8 +195,9 @@ def _row(layer: str, ek: str, seconds: float, tokens: int, flops_per_token: floa
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{result['device']}, {result['dtype']}, d_model {result['d_model']}, d_ff "
-             f"{result['d_ff']}, {result['tokens']:,} tokens, compile={result['compile']}",
+    lines = [f"{result['device']}, {result['dtype']} compute, "
+             f"{result.get('param_dtype', 'torch.float32')} weights, d_model {result['d_model']}, "
+             f"d_ff {result['d_ff']}, {result['tokens']:,} tokens, compile={result['compile']}",
              "", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
@@ -182,6 +205,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['layer']} | {r['E:k']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops']:.3f} | {r['fraction_of_dense']:.2f} | {ratio} |")
     return "\n".join(lines)
+
+
+def layer_dtype(layer: nn.Module) -> torch.dtype:
+    weights = matrix_weights(layer)
+    return weights[0].dtype if weights else torch.float32
 
 
 def _has_transformers() -> bool:

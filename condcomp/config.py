@@ -200,6 +200,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    # float32 | bfloat16: how matrix weights are stored between steps; bfloat16 keeps fp32
+    # master weights in the optimizer and needs bf16 autocast (condcomp.master_weights)
+    param_dtype: str = "float32"
     compile: bool = False
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
@@ -235,6 +238,13 @@ class TrainConfig:
             raise ConfigError(
                 f"train.dtype = {self.dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'"
             )
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.param_dtype = {self.param_dtype!r} is unknown; use "
+                              "'float32' or 'bfloat16'")
+        if self.param_dtype == "bfloat16" and self.dtype == "float32":
+            raise ConfigError("train.param_dtype = 'bfloat16' stores the weights that bf16 "
+                              "autocast would cast; with train.dtype = 'float32' nothing is "
+                              "cast. Set train.dtype = 'bfloat16' (or 'auto' on CUDA)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"train.device = {self.device!r} is unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'"

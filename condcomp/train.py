@@ -11,11 +11,12 @@ losses bit for bit on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
 from condcomp.errors import CondcompError, ConfigError, TrainingError
 from condcomp.evaluate import EvalResult, evaluate
+from condcomp.master_weights import PARAM_DTYPES, MasterWeights
 from condcomp.model import TransformerLM
 from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
@@ -48,14 +50,16 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: TransformerLM, cfg: RunConfig, device: torch.device
-                   ) -> torch.optim.AdamW:
+def make_optimizer(parameters: Iterable[torch.nn.Parameter], cfg: RunConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``parameters`` (the model's, or with master weights the masters in their
+    place)."""
     # Weight decay on matrices only: norms' gains and biases are not decayed (nanoGPT, GPT-3),
     # nor parameters a layer marks ``no_weight_decay`` (AltUp's mixing coefficients).
     def decays(p: torch.nn.Parameter) -> bool:
         return p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in parameters if p.requires_grad]
     decay = [p for p in params if decays(p)]
     no_decay = [p for p in params if not decays(p)]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
@@ -121,6 +125,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     device = resolve_device(tc.device)
     flush_denormals()
     amp_dtype = autocast_dtype(device, tc.dtype)
+    _check_param_dtype(tc.param_dtype, amp_dtype)
 
     ckpt = None
     if resume:
@@ -153,12 +158,6 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
 
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    total = tc.total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, tc.warmup_steps, total, tc.min_lr_ratio))
-
-    step, elapsed, nonfinite = 0, 0.0, 0
     if tc.init_from and ckpt is None:
         # A new run from trained weights (e.g. the Mixture-of-Tokens transition to sparse):
         # the weights only; optimizer, schedule and data start afresh.
@@ -167,8 +166,21 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
             else ckpt_lib.resolve_checkpoint(source.parent.parent, source)
         ckpt_lib.load_checkpoint(init, model, map_location=device)
         log(f"initialised the weights from {init.path}")
-    if ckpt is not None:
-        state = ckpt_lib.load_checkpoint(ckpt, model, run_dir, map_location=device)
+    state = None if ckpt is None else ckpt_lib.load_checkpoint(ckpt, model, run_dir,
+                                                                 map_location=device)
+    # Master weights take the loaded fp32 weights; the optimizer is built over them.
+    masters = (None if tc.param_dtype == "float32"
+               else MasterWeights(model, PARAM_DTYPES[tc.param_dtype]))
+    optimizer = make_optimizer(model.parameters() if masters is None
+                               else masters.optimizer_params(), cfg, device)
+    opt_params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = tc.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, tc.warmup_steps, total, tc.min_lr_ratio))
+
+    step, elapsed, nonfinite = 0, 0.0, 0
+    if state is not None:
+        assert ckpt is not None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"].cpu())
@@ -197,7 +209,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
                  "nonfinite": nonfinite, "tokens": at_step * tc.tokens_per_step}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        return ckpt_lib.save_checkpoint(run_dir, at_step, model, state, tc.keep_last)
+        with masters.full_precision() if masters else contextlib.nullcontext():
+            return ckpt_lib.save_checkpoint(run_dir, at_step, model, state, tc.keep_last)
 
     progress = _progress_bar(tc.progress, total, step)
     final_eval: EvalResult | None = None
@@ -219,7 +232,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
                 loss_sum += out.loss.detach() / tc.grad_accum
                 aux_sum += out.aux_loss.detach() / tc.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                opt_params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             train_loss, grad_norm_f = loss_sum.item(), grad_norm.item()
             skipped = not (math.isfinite(train_loss) and math.isfinite(grad_norm_f))
             if skipped:
@@ -227,6 +240,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
             else:
                 nonfinite = 0
                 optimizer.step()
+                if masters is not None:
+                    masters.copy_to_model()
                 model.after_optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -279,6 +294,14 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     if final_eval is None:  # resumed at the end: nothing left to train
         final_eval = evaluate_now()
     return TrainResult(run_dir, step, final_eval, tokens_per_s)
+
+
+def _check_param_dtype(param_dtype: str, amp_dtype: torch.dtype | None) -> None:
+    if param_dtype != "float32" and amp_dtype != PARAM_DTYPES[param_dtype]:
+        raise ConfigError(f"train.param_dtype = {param_dtype!r} stores the weights that "
+                          f"{param_dtype} autocast would cast, but this run computes in "
+                          f"{amp_dtype or 'float32'} (the CPU default): set train.dtype = "
+                          f"{param_dtype!r}")
 
 
 def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:

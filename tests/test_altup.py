@@ -73,7 +73,7 @@ def test_coefficients_are_not_weight_decayed():
     from condcomp.train import make_optimizer
 
     model = TransformerLM(tiny_model_cfg(residual=dict(kind="altup")))
-    opt = make_optimizer(model, RunConfig(), torch.device("cpu"))
+    opt = make_optimizer(model.parameters(), RunConfig(), torch.device("cpu"))
     no_decay = {id(p) for p in opt.param_groups[1]["params"]}
     assert id(model.stream.predict) in no_decay and id(model.stream.correct) in no_decay
     assert id(model.stream.extra_embedding) not in no_decay

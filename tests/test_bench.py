@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_model_cfg
 
 from condcomp.bench import add_parser, format_table, run
@@ -108,7 +109,30 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
     assert "| condcomp MoE | 8:2 |" in capsys.readouterr().out
 
 
+def test_bench_moe_with_bf16_weights_times_bf16_weights(tmp_path, monkeypatch):
+    """``--param-dtype bfloat16``: every layer timed (dense, ours, HF's) stores its matrix
+    weights in bf16, as a run with ``train.param_dtype = 'bfloat16'`` does."""
+    from condcomp import bench_moe
+    from condcomp.cli import main
+
+    seen = []
+    timer = bench_moe.time_fwd_bwd
+
+    def spy(layer, *args, **kwargs):
+        seen.append({p.dtype for p in layer.parameters() if p.dim() >= 2})
+        return timer(layer, *args, **kwargs)
+
+    monkeypatch.setattr(bench_moe, "time_fwd_bwd", spy)
+    out = tmp_path / "moe.json"
+    assert main(["bench", "moe", "--d-model", "32", "--d-ff", "64", "--tokens", "128",
+                 "--experts", "4:1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--dtype", "bfloat16", "--param-dtype", "bfloat16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["param_dtype"] == "torch.bfloat16"
+    assert len(seen) >= 2 and all(dtypes == {torch.bfloat16} for dtypes in seen)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["moe", "--param-dtype", "bfloat16"], "add --dtype bfloat16"),
     (["moe", "--experts", "8-1"], "write E:k pairs"),
     (["moe", "--tokens", "-5"], "--tokens = -5 must be positive"),
     (["moe", "--steps", "0"], "--steps must be at least 1"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, tiny_overrides
 
 from condcomp import registry
 from condcomp.checkpoint import list_checkpoints
@@ -20,32 +21,6 @@ from condcomp.config import load_config
 from condcomp.errors import CheckpointError, CondcompError, TrainingError
 from condcomp.runs import load_run, read_metrics
 from condcomp.train import train
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    words = "the quick brown fox jumps over a lazy dog while seven wizards box nightly".split()
-    for i in range(12):
-        lines = [" ".join(words[(i + j * k) % len(words)] for k in range(9)) for j in range(120)]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def tiny_overrides(corpus: Path, tmp: Path, name: str, steps: int = 20) -> list[str]:
-    return [
-        f'data.corpus="{corpus}"', f'data.cache_dir="{tmp / "cache"}"', f'name="{name}"',
-        f'out_dir="{tmp / name}"', f"train.max_steps={steps}", "train.batch_size=4",
-        "train.seq_len=32", "train.eval_every=10", "train.eval_tokens=512", "train.ckpt_every=5",
-        "train.log_every=1", "train.warmup_steps=3", "train.keep_last=10", "train.progress=false",
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",
-        "model.max_seq_len=64", "model.dropout=0.1",  # dropout: the RNG state must resume too
-        # A constant rate after warm-up, so runs that differ only in max_steps share a schedule
-        # (the cosine's length depends on max_steps).
-        "train.min_lr_ratio=1.0",
-    ]
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -46,6 +46,8 @@ EXPERT_SIZES = ("split", "flop_matched")
 class MixtureOfTokens(nn.Module):
     """Mixture of Tokens FFN: ``x[B, T, D] -> y[B, T, D]``."""
 
+    MATRIX_WEIGHTS = ("controller",)  # bf16-storable (condcomp.master_weights)
+
     def __init__(self, d_model: int, d_expert: int, num_experts: int, group_size: int, *,
                  routing: str = "continuous", temperature: float = 1.0,
                  temperature_final: float | None = None, anneal_steps: int = 0,

@@ -27,6 +27,8 @@ class MLP(nn.Module):
     contract shared with the conditional families.
     """
 
+    MATRIX_WEIGHTS = ("w1", "w2", "w3")  # bf16-storable (condcomp.master_weights)
+
     def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu",
                  dropout: float = 0.0) -> None:
         super().__init__()
