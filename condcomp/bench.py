@@ -57,6 +57,7 @@ import torch
 
 from condcomp.config import RunConfig, load_config
 from condcomp.errors import ConfigError
+from condcomp.master_weights import PARAM_DTYPES, MasterWeights, check_param_dtype
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
 
 DEFAULT_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 128 (nanoGPT), for the tensor cores
@@ -206,7 +207,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
                               "outputs, so the comparison would not be like for like; add "
                               "--set model.dropout=0")
     device = resolve_device(args.device)
-    return Plan(cfg=cfg, device=device, amp_dtype=autocast_dtype(device, args.dtype),
+    amp_dtype = autocast_dtype(device, args.dtype)
+    check_param_dtype(cfg.train.param_dtype, amp_dtype, "add --dtype bfloat16")
+    return Plan(cfg=cfg, device=device, amp_dtype=amp_dtype,
                 batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                 prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, steps=args.steps,
                 warmup=args.warmup, decode_repeats=args.decode_repeats, compile=args.compile,
@@ -398,14 +401,22 @@ def loss_hf(model: Callable, x_BT: torch.Tensor) -> torch.Tensor:
 
 def bench_train(model: torch.nn.Module, loss_fn: Callable, batches: list[torch.Tensor],
                 plan: Plan, ours: Any) -> TrainResult:
-    """Forward + backward + AdamW step per batch; the first ``plan.warmup`` steps untimed."""
+    """Forward + backward + AdamW step per batch; the first ``plan.warmup`` steps untimed.
+
+    With ``train.param_dtype = "bfloat16"`` the model trains as ``condcomp train`` trains it:
+    bf16 matrix weights, fp32 masters in the optimizer, the copy-back inside the timed step.
+    """
     device, tc = plan.device, plan.cfg.train
     state = copy.deepcopy(model.state_dict())  # leave the weights as we found them
     with on_device(model, device):
         model.train()
+        masters = (None if tc.param_dtype == "float32"
+                   else MasterWeights(model, PARAM_DTYPES[tc.param_dtype]))
         step_model = torch.compile(model) if plan.compile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                weight_decay=tc.weight_decay, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters() if masters is None
+                                else masters.optimizer_params(), lr=tc.lr,
+                                betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                                fused=device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, first_loss = [], float("nan")
@@ -417,6 +428,8 @@ def bench_train(model: torch.nn.Module, loss_fn: Callable, batches: list[torch.T
                 loss = loss_fn(step_model, x_BT)
             loss.backward()
             opt.step()
+            if masters is not None:
+                masters.copy_to_model()
             opt.zero_grad(set_to_none=True)
             _sync(device)
             if i >= plan.warmup:
@@ -425,6 +438,8 @@ def bench_train(model: torch.nn.Module, loss_fn: Callable, batches: list[torch.T
                 first_loss = loss.item()  # outside the timed region
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         del opt, step_model
+        if masters is not None:
+            masters.close()
     model.load_state_dict(state)
     median = statistics.median(times)
     tokens_per_s = plan.batch_size * plan.seq_len / median

@@ -37,6 +37,14 @@ from condcomp.errors import ConfigError
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_param_dtype(param_dtype: str, amp_dtype: torch.dtype | None, fix: str) -> None:
+    """Storing weights in bf16 only makes sense where bf16 autocast would cast them."""
+    if param_dtype != "float32" and amp_dtype != PARAM_DTYPES[param_dtype]:
+        raise ConfigError(f"train.param_dtype = {param_dtype!r} stores the weights that "
+                          f"{param_dtype} autocast would cast, but this run computes in "
+                          f"{amp_dtype or 'float32'} (the CPU default): {fix}")
+
+
 def matrix_weights(model: nn.Module) -> list[nn.Parameter]:
     """The parameters used only as operands of matrix products, which autocast runs in bf16.
 
@@ -70,6 +78,7 @@ class MasterWeights:
         self.weights = matrix_weights(model)
         self.masters: list[nn.Parameter] = []
         self._low: list[torch.Tensor] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for p in self.weights:
             if p.dtype != torch.float32:
                 raise ConfigError(f"master weights need fp32 parameters; found {p.dtype}")
@@ -78,7 +87,7 @@ class MasterWeights:
             self.masters.append(master)
             p.data = p.data.to(dtype)
             self._low.append(p.data)
-            p.register_post_accumulate_grad_hook(self._accumulate_into(master))
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(master)))
 
     @staticmethod
     def _accumulate_into(master: nn.Parameter):
@@ -101,6 +110,14 @@ class MasterWeights:
     def copy_to_model(self) -> None:
         for low, master in zip(self._low, self.masters):
             low.copy_(master)
+
+    def close(self) -> None:
+        """Give the model its fp32 weights back (the masters) and remove the gradient hooks."""
+        for p, master in zip(self.weights, self.masters):
+            p.data = master.data
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:

@@ -28,7 +28,7 @@ from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
 from condcomp.errors import CondcompError, ConfigError, TrainingError
 from condcomp.evaluate import EvalResult, evaluate
-from condcomp.master_weights import PARAM_DTYPES, MasterWeights
+from condcomp.master_weights import PARAM_DTYPES, MasterWeights, check_param_dtype
 from condcomp.model import TransformerLM
 from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
@@ -125,7 +125,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     device = resolve_device(tc.device)
     flush_denormals()
     amp_dtype = autocast_dtype(device, tc.dtype)
-    _check_param_dtype(tc.param_dtype, amp_dtype)
+    check_param_dtype(tc.param_dtype, amp_dtype, f"set train.dtype = {tc.param_dtype!r}")
 
     ckpt = None
     if resume:
@@ -294,14 +294,6 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     if final_eval is None:  # resumed at the end: nothing left to train
         final_eval = evaluate_now()
     return TrainResult(run_dir, step, final_eval, tokens_per_s)
-
-
-def _check_param_dtype(param_dtype: str, amp_dtype: torch.dtype | None) -> None:
-    if param_dtype != "float32" and amp_dtype != PARAM_DTYPES[param_dtype]:
-        raise ConfigError(f"train.param_dtype = {param_dtype!r} stores the weights that "
-                          f"{param_dtype} autocast would cast, but this run computes in "
-                          f"{amp_dtype or 'float32'} (the CPU default): set train.dtype = "
-                          f"{param_dtype!r}")
 
 
 def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:

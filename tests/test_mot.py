@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import assert_cached_decoding_matches, tiny_model_cfg
 
+from condcomp.errors import ConfigError
 from condcomp.layers import MixtureOfTokens
 from condcomp.model import TransformerLM
 
@@ -115,6 +116,33 @@ def test_train_then_transition_then_generate(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "sparse"), "--prompt", "the course",
                  "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.startswith("the course")
+
+
+def test_a_shared_expert_takes_its_width_out_of_the_flop_matched_budget():
+    dense = TransformerLM(tiny_model_cfg(d_ff=64)).layers[0].block.ffn
+    mot = TransformerLM(tiny_model_cfg(d_ff=64, ffn=dict(kind="mot", options=dict(
+        num_experts=4, group_size=4, expert_size="flop_matched", d_shared=16))))
+    layer_ = mot.layers[0].block.ffn
+    assert layer_.experts.d_expert == 48 and layer_.shared_experts.d_hidden == 16
+    expert_part = layer_.num_experts * layer_.experts.flops_per_expert_token() / 4
+    assert expert_part + layer_.shared_experts.flops_per_token() == dense.flops_per_token()
+    with pytest.raises(ConfigError, match="leaves no FFN width"):
+        tiny_model_cfg(d_ff=64, ffn=dict(kind="mot", options=dict(d_shared=64))).validate()
+
+
+@pytest.mark.parametrize("routing", ["continuous", "token_choice"])
+def test_the_shared_expert_adds_a_per_token_mlp_to_the_mixture(routing):
+    with_shared = layer(d_shared=8, routing=routing)
+    without = layer(routing=routing)
+    without.load_state_dict(with_shared.state_dict(), strict=False)
+    x = torch.randn(4, 5, 16)
+    torch.testing.assert_close(with_shared(x), without(x) + with_shared.shared_experts(x))
+    if routing == "token_choice":
+        assert with_shared.active_params() == without.active_params() + 3 * 16 * 8
+    # Causality holds with it: the shared expert sees one token at a time.
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn(4, 2, 16)
+    torch.testing.assert_close(with_shared(x)[:, :3], with_shared(x2)[:, :3])
 
 
 def test_active_params_after_the_transition_are_one_expert():

@@ -1,4 +1,4 @@
-"""The GPU checks' trained-router decode section, run end to end on the CPU at a tiny shape, so
+"""Sections of the GPU checks (scripts/gpu_checks.sh) run end to end on the CPU at a tiny shape, so
 that the scarce GPU time is never spent finding a broken script."""
 
 import os
@@ -15,7 +15,7 @@ def test_mod_decode_section_trains_both_models_and_decodes_them_side_by_side(tmp
              "--set model.d_ff=64 --set model.max_seq_len=1024 "
              f'--set data.cache_dir="{tmp_path}/cache"')
     env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"),
-               PY=sys.executable, MOD_STEPS="2", DECODE_DEVICE="cpu", MOD_SHAPE=shape)
+               PY=sys.executable, MOD_STEPS="2", DEVICE="cpu", MOD_SHAPE=shape)
     result = subprocess.run(["bash", "scripts/gpu_checks.sh", "mod-decode"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -25,3 +25,34 @@ def test_mod_decode_section_trains_both_models_and_decodes_them_side_by_side(tmp
     assert re.search(r"^mod: [\d.]+ ms/token, [\d.]+x the first run, routed blocks entered "
                      r"per token [\d.]+ of 2$", report, re.M), report
     assert (tmp_path / "runs" / "mod" / "config.json").exists()
+
+
+def test_moe_step_section_times_four_switch_models_side_by_side(tmp_path):
+    import json
+
+    shape = ("--set model.d_model=32 --set model.n_layers=2 --set model.n_heads=4 "
+             "--set model.d_ff=64 --set model.max_seq_len=64 --vocab-size 97 --batch-size 4 "
+             "--seq-len 32")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"),
+               PY=sys.executable, DEVICE="cpu", STEP_SHAPE=shape)
+    result = subprocess.run(["bash", "scripts/gpu_checks.sh", "moe-step"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    models = json.loads((tmp_path / "out" / "moe_step.json").read_text())["models"]
+    assert list(models) == ["switch8_float32", "switch128_float32", "switch8_bfloat16",
+                            "switch128_bfloat16"]
+    assert all(m["train"]["tokens_per_s"] > 0 for m in models.values())
+
+
+def test_moe_bf16_section_times_both_weight_dtypes(tmp_path):
+    import json
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PY=sys.executable, DEVICE="cpu",
+               RUNS=str(tmp_path / "runs"),
+               MOE_SHAPE="--d-model 32 --d-ff 64 --tokens 128 --steps 1 --warmup 0")
+    result = subprocess.run(["bash", "scripts/gpu_checks.sh", "moe-bf16"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for dtype in ("float32", "bfloat16"):
+        rows = json.loads((tmp_path / "out" / f"moe_scaling_{dtype}.json").read_text())["rows"]
+        assert [r["E:k"] for r in rows] == ["-", "8:1", "16:1", "32:1", "64:1", "128:1", "64:8"]

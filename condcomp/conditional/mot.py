@@ -21,8 +21,17 @@ it with ``condcomp train --set model.ffn.routing=token_choice --set train.init_f
 ``temperature`` can be annealed to ``temperature_final`` over ``anneal_steps`` optimizer
 steps (the step count lives in the layer and is saved with it).
 
+``d_shared > 0`` adds a shared expert: a dense MLP of that width that every token goes
+through on its own, beside the mixture (as DeepSeekMoE's shared experts beside routed ones;
+not in the MoT paper). The mixture hands each token of a group the same few expert outputs,
+told apart only by the token's group weights; the shared expert gives each token a
+transformation of its own. With FLOP-matched experts the shared expert's width comes out of
+the FFN budget (``expert width = (d_ff - d_shared) * G / E``), so the layer's FLOPs stay the
+dense FFN's.
+
 Weights: ``controller`` ``[D, E]``; experts stacked as the MoE's (``experts.w1`` ``[E, D, H]``,
-``experts.w2`` ``[E, H, D]``, ``experts.w3`` for SwiGLU).
+``experts.w2`` ``[E, H, D]``, ``experts.w3`` for SwiGLU); with ``d_shared``, a dense MLP in
+``shared_experts`` (named as the MoE's).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from condcomp.conditional.experts import GroupedExperts
 from condcomp.conditional.moe import GATHER_MAX_SLOTS
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.model.mlp import MLP
 
 ROUTINGS = ("continuous", "token_choice")
 EXPERT_SIZES = ("split", "flop_matched")
@@ -51,7 +61,7 @@ class MixtureOfTokens(nn.Module):
     def __init__(self, d_model: int, d_expert: int, num_experts: int, group_size: int, *,
                  routing: str = "continuous", temperature: float = 1.0,
                  temperature_final: float | None = None, anneal_steps: int = 0,
-                 activation: str = "swiglu") -> None:
+                 activation: str = "swiglu", d_shared: int = 0) -> None:
         super().__init__()
         check_mot(num_experts, group_size, routing, temperature)
         self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
@@ -61,6 +71,7 @@ class MixtureOfTokens(nn.Module):
         self.anneal_steps = anneal_steps
         self.controller = nn.Parameter(torch.empty(d_model, num_experts))
         self.experts = GroupedExperts(num_experts, d_model, d_expert, activation)
+        self.shared_experts = MLP(d_model, d_shared, activation) if d_shared > 0 else None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
@@ -69,6 +80,8 @@ class MixtureOfTokens(nn.Module):
     def init_weights(self, std: float, residual_std: float) -> None:
         nn.init.normal_(self.controller, std=std)
         self.experts.init_weights(std, residual_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, residual_std)
 
     def temperature(self) -> torch.Tensor:
         """The current temperature, a tensor (no host sync), annealed linearly with steps."""
@@ -86,6 +99,8 @@ class MixtureOfTokens(nn.Module):
         """Controller; in continuous mode the merge and the combine (2 E D each per token) and
         the E experts' work on one merged token per group, shared by the group's tokens."""
         controller = 2.0 * self.d_model * self.num_experts
+        if self.shared_experts is not None:
+            controller += self.shared_experts.flops_per_token()
         expert = self.experts.flops_per_expert_token()
         if self.routing == "token_choice":
             return controller + expert
@@ -94,17 +109,22 @@ class MixtureOfTokens(nn.Module):
 
     def active_params(self) -> int:
         """Continuous: every expert works on every group, so all of them; after the transition
-        to sparse, the controller and one expert."""
+        to sparse, the controller, one expert and the shared expert."""
         total = sum(p.numel() for p in self.parameters())
         if self.routing == "continuous":
             return total
-        return self.controller.numel() + self.experts.params_per_expert()
+        shared = (0 if self.shared_experts is None
+                  else sum(p.numel() for p in self.shared_experts.parameters()))
+        return self.controller.numel() + self.experts.params_per_expert() + shared
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        y_BTD = self._mix(x_BTD) if self.routing == "continuous" else self._token_choice(x_BTD)
+        return y_BTD if self.shared_experts is None else y_BTD + self.shared_experts(x_BTD)
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.routing == "token_choice":
-            return self._token_choice(x_BTD)
+    def _mix(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The continuous mixture (eq. 1-3)."""
         B, T, D = x_BTD.shape
         G = self.group_size
         pad = (-B) % G
@@ -169,6 +189,7 @@ class MoTOptions:
     expert_size: str = "split"  # split: d_ff / E;  flop_matched: d_ff * group_size / E
     d_expert: int = 0  # > 0 overrides expert_size
     routing: str = "continuous"  # continuous | token_choice (the transition to sparse)
+    d_shared: int = 0  # > 0: a dense shared expert of this width beside the mixture
     temperature: float = 1.0
     temperature_final: float | None = None  # anneal to this over anneal_steps
     anneal_steps: int = 0
@@ -176,11 +197,12 @@ class MoTOptions:
     def expert_width(self, cfg: ModelConfig) -> int:
         if self.d_expert:
             return self.d_expert
+        budget = cfg.ffn_hidden - self.d_shared  # the shared expert's width comes out of it
         if self.expert_size == "flop_matched":
             # Each expert sees one merged token per group of G: G-times wider experts spend the
             # dense FFN's FLOPs per token (the paper's compute-matched setting).
-            return max(1, cfg.ffn_hidden * self.group_size // self.num_experts)
-        return max(1, cfg.ffn_hidden // self.num_experts)
+            return max(1, budget * self.group_size // self.num_experts)
+        return max(1, budget // self.num_experts)
 
     def validate(self, cfg: ModelConfig) -> None:
         check_mot(self.num_experts, self.group_size, self.routing, self.temperature,
@@ -188,9 +210,13 @@ class MoTOptions:
         if self.expert_size not in EXPERT_SIZES:
             raise ConfigError(f"model.ffn.expert_size = {self.expert_size!r} is unknown; use "
                               f"one of {EXPERT_SIZES}")
-        if self.anneal_steps < 0 or self.d_expert < 0:
-            raise ConfigError("model.ffn.anneal_steps and model.ffn.d_expert must not be "
-                              "negative")
+        if self.anneal_steps < 0 or self.d_expert < 0 or self.d_shared < 0:
+            raise ConfigError("model.ffn.anneal_steps, model.ffn.d_expert and "
+                              "model.ffn.d_shared must not be negative")
+        if not self.d_expert and self.d_shared >= cfg.ffn_hidden:
+            raise ConfigError(f"model.ffn.d_shared = {self.d_shared} leaves no FFN width for "
+                              f"the experts (the FFN is {cfg.ffn_hidden} wide); make it "
+                              "smaller, or give model.ffn.d_expert")
         if self.temperature_final is not None and self.temperature_final <= 0:
             raise ConfigError("model.ffn.temperature_final must be positive")
 
@@ -200,7 +226,8 @@ def _build(options: MoTOptions, cfg: ModelConfig, layer_idx: int | None) -> Mixt
                            options.group_size, routing=options.routing,
                            temperature=options.temperature,
                            temperature_final=options.temperature_final,
-                           anneal_steps=options.anneal_steps, activation=cfg.activation)
+                           anneal_steps=options.anneal_steps, activation=cfg.activation,
+                           d_shared=options.d_shared)
 
 
 registry.register(registry.Family("mot", "ffn", MoTOptions, _build, "mixture of tokens"))
