@@ -4,10 +4,13 @@
 # time limit, so one failure does not hide the others; figures go to $OUT (default runs/gpu).
 #   scripts/gpu_checks.sh tests moe decode models dense models-compiled
 # Durations seen on the H100 (docs/gpu/h100_run3_log.txt): tests 83 s, moe 27 s, moe-profile
-# 17 s, models 106 s; models-compiled ran past its 300 s (the MoT model's compile). For a
-# 15-minute lease, in one call of under 10 minutes, the open goals first:
-#   scripts/gpu_checks.sh tests moe moe-bf16 moe-step moe-compiled models decode mod-decode
-#   FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
+# 17 s, models 106 s; models-compiled ran past its 300 s (the MoT model's compile); moe-bf16,
+# moe-step and mod-decode have not run on a GPU yet. A 15-minute lease takes one call of under
+# 10 minutes; the open goals first:
+#   scripts/gpu_checks.sh tests moe moe-bf16 moe-step mod-decode
+# then, with the time left, re-measures:
+#   scripts/gpu_checks.sh moe-compiled decode models &&
+#     FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
 # ignored .whl/ and carry it:
