@@ -83,7 +83,8 @@ class MasterWeights:
             if p.dtype != torch.float32:
                 raise ConfigError(f"master weights need fp32 parameters; found {p.dtype}")
             master = nn.Parameter(p.detach().clone())
-            master.__dict__.update(p.__dict__)  # attributes such as no_weight_decay
+            # Attributes a layer set, such as no_weight_decay (not torch's own, e.g. hooks).
+            master.__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_")})
             self.masters.append(master)
             p.data = p.data.to(dtype)
             self._low.append(p.data)

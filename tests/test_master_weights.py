@@ -120,3 +120,21 @@ def test_close_gives_the_model_its_fp32_weights_back():
     tokens = torch.randint(0, model.cfg.vocab_size, (1, 8))
     model(tokens, tokens).loss.backward()  # no hook left: the gradient stays on the model
     assert matrix_weights(model)[0].grad is not None and masters.masters[0].grad is None
+
+
+def test_a_run_with_master_weights_resumes_bit_for_bit(corpus, tmp_path):
+    def run(name: str, steps: int, resume: bool = False) -> Path:
+        cfg = load_config(REPO / "configs/switch.toml", [
+            *tiny_overrides(corpus, tmp_path, name, steps=steps), "train.ckpt_every=3",
+            "train.dtype='bfloat16'", "train.param_dtype='bfloat16'"])
+        return train(cfg, resume=resume, log=lambda s: None).run_dir
+
+    straight = run("straight", 6)
+    run("split", 3)
+    split = run("split", 6, resume=True)
+    # The first part's run ends with an evaluation at step 3 that the straight run skips.
+    def train_losses(run_dir: Path) -> list[tuple[int, str, float]]:
+        return [m for m in _metrics(run_dir) if m[1] == "train_loss"]
+
+    assert len(train_losses(split)) == 6
+    assert train_losses(split) == train_losses(straight)
