@@ -171,9 +171,10 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     # Master weights take the loaded fp32 weights; the optimizer is built over them.
     masters = (None if tc.param_dtype == "float32"
                else MasterWeights(model, PARAM_DTYPES[tc.param_dtype]))
-    optimizer = make_optimizer(model.parameters() if masters is None
-                               else masters.optimizer_params(), cfg, device)
-    opt_params = [p for group in optimizer.param_groups for p in group["params"]]
+    # In the model's order: the gradient norm sums in this order, and the figures recorded
+    # before master weights existed must reproduce bit for bit.
+    opt_params = list(model.parameters()) if masters is None else masters.optimizer_params()
+    optimizer = make_optimizer(opt_params, cfg, device)
     total = tc.total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, tc.warmup_steps, total, tc.min_lr_ratio))
