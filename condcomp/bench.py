@@ -57,7 +57,7 @@ import torch
 
 from condcomp.config import RunConfig, load_config
 from condcomp.errors import ConfigError
-from condcomp.master_weights import PARAM_DTYPES, MasterWeights, check_param_dtype
+from condcomp.master_weights import check_param_dtype, master_weights_for
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
 
 DEFAULT_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 128 (nanoGPT), for the tensor cores
@@ -410,8 +410,7 @@ def bench_train(model: torch.nn.Module, loss_fn: Callable, batches: list[torch.T
     state = copy.deepcopy(model.state_dict())  # leave the weights as we found them
     with on_device(model, device):
         model.train()
-        masters = (None if tc.param_dtype == "float32"
-                   else MasterWeights(model, PARAM_DTYPES[tc.param_dtype]))
+        masters = master_weights_for(model, tc.param_dtype)
         step_model = torch.compile(model) if plan.compile else model
         opt = torch.optim.AdamW(model.parameters() if masters is None
                                 else masters.optimizer_params(), lr=tc.lr,

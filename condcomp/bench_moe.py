@@ -24,7 +24,12 @@ from torch import nn
 from condcomp.bench import report
 from condcomp.errors import ConfigError
 from condcomp.layers import MLP, MoE
-from condcomp.master_weights import PARAM_DTYPES, MasterWeights, matrix_weights
+from condcomp.master_weights import (
+    PARAM_DTYPES,
+    check_param_dtype,
+    master_weights_for,
+    matrix_weights,
+)
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
 
 
@@ -115,10 +120,8 @@ def run(args: argparse.Namespace) -> int:
     d_ff = args.d_ff or max(64, round(8 * d_model / 3 / 64) * 64)
     tokens = args.tokens or (65536 if cuda else 4096)
     amp = autocast_dtype(device, args.dtype)
+    check_param_dtype(args.param_dtype, amp, f"add --dtype {args.param_dtype}", "--param-dtype")
     param_dtype = PARAM_DTYPES[args.param_dtype]
-    if param_dtype != torch.float32 and amp != param_dtype:
-        raise ConfigError(f"--param-dtype {args.param_dtype} stores the weights that "
-                          f"{args.param_dtype} autocast would cast: add --dtype {args.param_dtype}")
     peer = args.peer or ("hf" if _has_transformers() else "none")
     configs = parse_experts(args.experts)
     for e, k in configs:
@@ -133,13 +136,13 @@ def run(args: argparse.Namespace) -> int:
         torch.compile if args.compile else (lambda m: m))
 
     def timed(layer: nn.Module) -> float:
-        masters: list[nn.Parameter] = []
-        if param_dtype != torch.float32 and layer_dtype(layer) == torch.float32:
-            # As training stores them: bf16 weights whose gradients the backward adds into
-            # fp32 masters (part of the timed pass); the copy-back is per optimizer step, like
-            # the update, and is not timed. The HF peer, built from the MoE's weights, is
-            # already bf16 and keeps bf16 gradients.
-            masters = MasterWeights(layer, param_dtype).masters
+        # As training stores them: bf16 weights whose gradients the backward adds into fp32
+        # masters (part of the timed pass); the copy-back is per optimizer step, like the
+        # update, and is not timed. The HF peer, built from the MoE's weights, is already bf16
+        # and keeps bf16 gradients.
+        stored = master_weights_for(layer, args.param_dtype) \
+            if layer_dtype(layer) == torch.float32 else None
+        masters = stored.masters if stored is not None else []
         return time_fwd_bwd(compile_fn(layer), x, grad, args.steps, args.warmup, amp, masters)
 
     dense = MLP(d_model, d_ff, "swiglu").to(device)

@@ -37,10 +37,11 @@ from condcomp.errors import ConfigError
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def check_param_dtype(param_dtype: str, amp_dtype: torch.dtype | None, fix: str) -> None:
+def check_param_dtype(param_dtype: str, amp_dtype: torch.dtype | None, fix: str,
+                      key: str = "train.param_dtype") -> None:
     """Storing weights in bf16 only makes sense where bf16 autocast would cast them."""
     if param_dtype != "float32" and amp_dtype != PARAM_DTYPES[param_dtype]:
-        raise ConfigError(f"train.param_dtype = {param_dtype!r} stores the weights that "
+        raise ConfigError(f"{key} = {param_dtype!r} stores the weights that "
                           f"{param_dtype} autocast would cast, but this run computes in "
                           f"{amp_dtype or 'float32'} (the CPU default): {fix}")
 
@@ -62,6 +63,14 @@ def matrix_weights(model: nn.Module) -> list[nn.Parameter]:
             if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in tables:
                 chosen[id(p)] = p
     return [p for p in model.parameters() if id(p) in chosen]
+
+
+def master_weights_for(model: nn.Module, param_dtype: str) -> MasterWeights | None:
+    """Master weights for ``model`` when ``param_dtype`` (``train.param_dtype``) asks for
+    low-precision storage, else None (the weights stay fp32 parameters)."""
+    if PARAM_DTYPES[param_dtype] == torch.float32:
+        return None
+    return MasterWeights(model, PARAM_DTYPES[param_dtype])
 
 
 class MasterWeights:
@@ -112,10 +121,13 @@ class MasterWeights:
         for low, master in zip(self._low, self.masters):
             low.copy_(master)
 
-    def close(self) -> None:
-        """Give the model its fp32 weights back (the masters) and remove the gradient hooks."""
+    def _point_model_at_masters(self) -> None:
         for p, master in zip(self.weights, self.masters):
             p.data = master.data
+
+    def close(self) -> None:
+        """Give the model its fp32 weights back (the masters) and remove the gradient hooks."""
+        self._point_model_at_masters()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -123,8 +135,7 @@ class MasterWeights:
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:
         """The model holds the fp32 masters inside the block (to save or export it)."""
-        for p, master in zip(self.weights, self.masters):
-            p.data = master.data
+        self._point_model_at_masters()
         try:
             yield
         finally:

@@ -28,7 +28,7 @@ from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
 from condcomp.errors import CondcompError, ConfigError, TrainingError
 from condcomp.evaluate import EvalResult, evaluate
-from condcomp.master_weights import PARAM_DTYPES, MasterWeights, check_param_dtype
+from condcomp.master_weights import check_param_dtype, master_weights_for
 from condcomp.model import TransformerLM
 from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
@@ -169,8 +169,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     state = None if ckpt is None else ckpt_lib.load_checkpoint(ckpt, model, run_dir,
                                                                  map_location=device)
     # Master weights take the loaded fp32 weights; the optimizer is built over them.
-    masters = (None if tc.param_dtype == "float32"
-               else MasterWeights(model, PARAM_DTYPES[tc.param_dtype]))
+    masters = master_weights_for(model, tc.param_dtype)
     # In the model's order: the gradient norm sums in this order, and the figures recorded
     # before master weights existed must reproduce bit for bit.
     opt_params = list(model.parameters()) if masters is None else masters.optimizer_params()

@@ -96,16 +96,17 @@ class MixtureOfTokens(nn.Module):
     # ------------------------------------------------------------------ accounting
 
     def flops_per_token(self) -> float:
-        """Controller; in continuous mode the merge and the combine (2 E D each per token) and
-        the E experts' work on one merged token per group, shared by the group's tokens."""
-        controller = 2.0 * self.d_model * self.num_experts
+        """Controller and shared expert; in continuous mode the merge and the combine (2 E D
+        each per token) and the E experts' work on one merged token per group, shared by the
+        group's tokens."""
+        every_token = 2.0 * self.d_model * self.num_experts  # the controller
         if self.shared_experts is not None:
-            controller += self.shared_experts.flops_per_token()
+            every_token += self.shared_experts.flops_per_token()
         expert = self.experts.flops_per_expert_token()
         if self.routing == "token_choice":
-            return controller + expert
+            return every_token + expert
         mix = 2 * 2.0 * self.num_experts * self.d_model
-        return controller + mix + self.num_experts * expert / self.group_size
+        return every_token + mix + self.num_experts * expert / self.group_size
 
     def active_params(self) -> int:
         """Continuous: every expert works on every group, so all of them; after the transition
@@ -117,11 +118,11 @@ class MixtureOfTokens(nn.Module):
                   else sum(p.numel() for p in self.shared_experts.parameters()))
         return self.controller.numel() + self.experts.params_per_expert() + shared
 
+    # ------------------------------------------------------------------ forward
+
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         y_BTD = self._mix(x_BTD) if self.routing == "continuous" else self._token_choice(x_BTD)
         return y_BTD if self.shared_experts is None else y_BTD + self.shared_experts(x_BTD)
-
-    # ------------------------------------------------------------------ forward
 
     def _mix(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The continuous mixture (eq. 1-3)."""
