@@ -14,6 +14,11 @@ the baseline's, so that the FLOPs a family claims to save can be set against the
 For models whose decode routing is data dependent (Mixture-of-Depths) the table also gives the
 share of tokens the routed blocks took while decoding: an untrained router decides about half
 the tokens in, a trained one about its capacity, and the decode speed follows that share.
+
+``--count-bytes`` counts instead of timing the training step: the bytes each model's compiled
+forward + backward reads and writes (:mod:`condcomp.compiled_bytes`), per token and against
+the baseline. That measures a family's memory-bound overhead (AltUp's K-times wider residual
+stream, say) on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "decode routes the share a trained model routes rather than an untrained "
                    "router's (about half); the LM weights are untouched (default 0)")
     p.add_argument("--what", default="train,decode", help="comma list of: train, decode")
+    p.add_argument("--count-bytes", action="store_true",
+                   help="instead of timing the training step, count the bytes its compiled "
+                   "forward + backward reads and writes (inductor's schedule, one step per "
+                   "model; no GPU needed), per token and against the baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=run)
@@ -84,13 +93,15 @@ def run(args: argparse.Namespace) -> int:
     plans = make_plans(args)
     if args.train_routers < 0:
         raise ConfigError("--train-routers must not be negative")
-    result = benchmark(plans, log=print, router_steps=args.train_routers)
+    result = benchmark(plans, log=print, router_steps=args.train_routers,
+                       count_bytes=args.count_bytes)
     result["argv"] = ["condcomp", *sys.argv[1:]]
     bench.report(result, format_table(result), args.json)
     return 0
 
 
-def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0) -> dict[str, Any]:
+def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0,
+              count_bytes: bool = False) -> dict[str, Any]:
     from condcomp.model import TransformerLM
 
     base_name, base = next(iter(plans.items()))
@@ -114,7 +125,13 @@ def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0) ->
     # graphs that the decode copy could not deepcopy.
     if "decode" in base.what:
         measure_decode(models, plans, result, log, router_steps)
-    if "train" in base.what:
+    if "train" in base.what and count_bytes:
+        x_BT = bench.make_batches(base)[0]
+        for name, model in models.items():
+            per_token = train_step_bytes(model, x_BT, plans[name]) / x_BT.numel()
+            result["models"][name]["train_bytes_per_token"] = per_token
+            log(f"train: {name}: the compiled step moves {per_token:,.0f} bytes per token")
+    elif "train" in base.what:
         batches = bench.make_batches(base)  # the same batches for every model
         for name, model in models.items():
             log(f"train: {name}, batch {base.batch_size} x {base.seq_len}, {base.warmup} warmup "
@@ -127,9 +144,35 @@ def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0) ->
         row["flops_ratio"] = row["flops_per_token"] / base_row["flops_per_token"]
         if "train" in row:
             row["train_speedup"] = base_row["train"]["step_s_median"] / row["train"]["step_s_median"]
+        if "train_bytes_per_token" in row:
+            row["train_bytes_ratio"] = (row["train_bytes_per_token"]
+                                        / base_row["train_bytes_per_token"])
         if "decode" in row:
             row["decode_speedup"] = row["decode"]["tokens_per_s"] / base_row["decode"]["tokens_per_s"]
     return result
+
+
+def train_step_bytes(model: torch.nn.Module, x_BT: torch.Tensor, plan: bench.Plan) -> int:
+    """Bytes the compiled forward + backward of one training step reads and writes, with the
+    weights stored as the run's ``train.param_dtype`` says (:mod:`condcomp.compiled_bytes`;
+    bf16 weights add their gradient hooks' bytes, which no compiled graph holds)."""
+    from condcomp.compiled_bytes import count_compiled_bytes
+    from condcomp.master_weights import master_weights_for
+
+    with bench.on_device(model, plan.device):
+        model.train()
+        masters = master_weights_for(model, plan.cfg.train.param_dtype)
+        try:
+            with count_compiled_bytes() as count:
+                with bench.autocast(plan.device, plan.amp_dtype):
+                    loss = bench.loss_ours(torch.compile(model), x_BT.to(plan.device))
+                loss.backward()
+            hooks = masters.hook_bytes() if masters is not None else 0
+        finally:
+            model.zero_grad(set_to_none=True)
+            if masters is not None:
+                masters.close()
+    return count.bytes + hooks
 
 
 def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Plan],
@@ -242,6 +285,9 @@ def routing_unlike_training(model: torch.nn.Module, share: float) -> str | None:
 def format_table(result: dict[str, Any]) -> str:
     head = ["model", "params", "active params", "FLOPs/token", "FLOPs vs base", "train tok/s",
             "step speed-up", "MFU", "peak mem", "decode tok/s", "decode speed-up"]
+    counted = any("train_bytes_per_token" in m for m in result["models"].values())
+    if counted:  # bytes in place of the step's time
+        head[5:9] = ["train bytes/token", "bytes vs base"]
     rows = []
     for name, m in result["models"].items():
         t, d = m.get("train"), m.get("decode")
@@ -257,9 +303,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{t['mfu']:.1%}" if t and t["mfu"] is not None else "-",
             f"{t['peak_mem_gb']:.2f} GB" if t and t["peak_mem_gb"] is not None else "-",
             decode, f"{m['decode_speedup']:.2f}x" if d else "-"])
+        if counted:
+            rows[-1][5:9] = [f"{m['train_bytes_per_token']:,.0f}", f"{m['train_bytes_ratio']:.3f}"]
     shapes = result["shapes"]
     caption = (f"{result['device']['name']}, torch {result['device']['torch']}, {result['dtype']}"
-               f"{', compiled training' if result['compile'] else ''}; train batch "
+               f"{', compiled training' if result['compile'] or counted else ''}; train batch "
                f"{shapes['batch_size']} x {shapes['seq_len']}; decode batch 1, eager, "
                f"{shapes['decode_tokens']} tokens after {shapes['prompt_len']}; speed-ups "
                f"against {result['baseline']}")

@@ -7,6 +7,13 @@ token to k of them (dropless, renormalised top-k, as Mixtral), so a token's expe
 the dense FFN's ``d_ff``: the fraction ``MoE tokens/s / dense tokens/s`` is what routing and
 permutation cost. Timing is the median of ``--steps`` forward+backward passes (the output's
 gradient is a fixed random tensor) after ``--warmup`` untimed ones, synchronised on CUDA.
+
+``--count-bytes`` times nothing: it compiles each layer's forward + backward once and reports
+the memory traffic inductor schedules for it (:mod:`condcomp.compiled_bytes`), per token and as
+a fraction of the dense FFN's, with the grouped-GEMM fast path on the CPU too. That compares
+the memory-bound work around the matrix products (casts, permutations, the combine) on a
+machine without a GPU. With ``--param-dtype bfloat16`` the count adds what the gradient hooks
+move outside the compiled graph (:meth:`condcomp.master_weights.MasterWeights.hook_bytes`).
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ import torch
 from torch import nn
 
 from condcomp.bench import report
+from condcomp.compiled_bytes import count_compiled_bytes
 from condcomp.errors import ConfigError
+from condcomp.kernels.grouped_gemm import fast_path_on_cpu
 from condcomp.layers import MLP, MoE
 from condcomp.master_weights import (
     PARAM_DTYPES,
+    MasterWeights,
     check_param_dtype,
     master_weights_for,
     matrix_weights,
@@ -54,6 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "train.param_dtype = 'bfloat16' trains with (no per-step weight casts; "
                    "needs bf16 compute)")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
+    p.add_argument("--count-bytes", action="store_true",
+                   help="instead of timing, count the bytes each compiled layer's forward + "
+                   "backward reads and writes (inductor's schedule; runs on the CPU)")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
     p.add_argument("--hf-impls", default="all",
@@ -122,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     amp = autocast_dtype(device, args.dtype)
     check_param_dtype(args.param_dtype, amp, f"add --dtype {args.param_dtype}", "--param-dtype")
     param_dtype = PARAM_DTYPES[args.param_dtype]
-    peer = args.peer or ("hf" if _has_transformers() else "none")
+    peer = args.peer or ("hf" if _has_transformers() and not args.count_bytes else "none")
     configs = parse_experts(args.experts)
     for e, k in configs:
         if d_ff % k:
@@ -135,34 +148,48 @@ def run(args: argparse.Namespace) -> int:
     compile_fn: Callable[[nn.Module], nn.Module] = (
         torch.compile if args.compile else (lambda m: m))
 
-    def timed(layer: nn.Module) -> float:
+    def stored_for(layer: nn.Module) -> MasterWeights | None:
         # As training stores them: bf16 weights whose gradients the backward adds into fp32
-        # masters (part of the timed pass); the copy-back is per optimizer step, like the
-        # update, and is not timed. The HF peer, built from the MoE's weights, is already bf16
-        # and keeps bf16 gradients.
-        stored = master_weights_for(layer, args.param_dtype) \
+        # masters (part of the measured pass); the copy-back is per optimizer step, like the
+        # update, and is not measured. The HF peer, built from the MoE's weights, is already
+        # bf16 and keeps bf16 gradients.
+        return master_weights_for(layer, args.param_dtype) \
             if layer_dtype(layer) == torch.float32 else None
-        masters = stored.masters if stored is not None else []
-        return time_fwd_bwd(compile_fn(layer), x, grad, args.steps, args.warmup, amp, masters)
 
+    def timed(layer: nn.Module) -> float:
+        stored = stored_for(layer)
+        return time_fwd_bwd(compile_fn(layer), x, grad, args.steps, args.warmup, amp,
+                            stored.masters if stored is not None else [])
+
+    def counted(layer: nn.Module) -> float:
+        stored = stored_for(layer)
+        with fast_path_on_cpu(), count_compiled_bytes() as count:  # one pass, counted
+            time_fwd_bwd(torch.compile(layer), x, grad, 1, 0, amp,
+                         stored.masters if stored is not None else [])
+        return float(count.bytes + (stored.hook_bytes() if stored is not None else 0))
+
+    measure = counted if args.count_bytes else timed
     dense = MLP(d_model, d_ff, "swiglu").to(device)
-    dense_s = timed(dense)
+    dense_m = measure(dense)
     dense_flops = 3 * dense.flops_per_token()
-    rows: list[dict[str, Any]] = [_row("dense SwiGLU FFN", "-", dense_s, tokens, dense_flops, 1.0)]
-    print(f"dense d_ff={d_ff}: {tokens / dense_s:,.0f} tokens/s")
+    row = _bytes_row if args.count_bytes else _row
+    rows: list[dict[str, Any]] = [row("dense SwiGLU FFN", "-", dense_m, tokens, dense_flops, 1.0)]
+    print(f"dense d_ff={d_ff}: {_say(rows[0])}")
     for e, k in configs:
         moe = MoE(d_model, d_ff // k, e, k, normalize_topk=True).to(device)
-        moe_s = timed(moe)
+        moe_m = measure(moe)
         flops = 3 * moe.flops_per_token()
-        rows.append(_row("condcomp MoE", f"{e}:{k}", moe_s, tokens, flops, dense_s / moe_s))
-        print(f"MoE E={e} k={k}: {tokens / moe_s:,.0f} tokens/s ({dense_s / moe_s:.2f}x dense)")
+        rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
+        print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
         if peer == "hf":
-            rows += _bench_hf(moe, e, k, args.hf_impls, tokens, flops, dense_s, moe_s, timed)
+            rows += _bench_hf(moe, e, k, args.hf_impls, tokens, flops, dense_m, moe_m, timed)
         del moe
     result = {"device": device_name(device), "torch": torch.__version__, "d_model": d_model,
               "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
               "param_dtype": str(param_dtype),
-              "compile": args.compile, "command": " ".join(sys.argv), "rows": rows}
+              "compile": args.compile or args.count_bytes, "measure":
+              "bytes" if args.count_bytes else "time", "command": " ".join(sys.argv),
+              "rows": rows}
     report(result, format_table(result), args.json)
     return 0
 
@@ -197,12 +224,34 @@ def _row(layer: str, ek: str, seconds: float, tokens: int, flops_per_token: floa
             "tflops": flops_per_token * tokens / seconds / 1e12, "fraction_of_dense": of_dense}
 
 
+def _bytes_row(layer: str, ek: str, num_bytes: float, tokens: int, flops_per_token: float,
+               of_dense: float) -> dict[str, Any]:
+    """``--count-bytes``: ``fraction_of_dense`` is the dense FFN's bytes over this layer's."""
+    return {"layer": layer, "E:k": ek, "bytes": num_bytes, "bytes_per_token": num_bytes / tokens,
+            "flops_per_byte": flops_per_token * tokens / num_bytes, "fraction_of_dense": of_dense}
+
+
+def _say(row: dict[str, Any]) -> str:
+    if "bytes" in row:
+        return f"{row['bytes_per_token']:,.0f} bytes/token"
+    return f"{row['tokens_per_s']:,.0f} tokens/s"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['device']}, {result['dtype']} compute, "
              f"{result.get('param_dtype', 'torch.float32')} weights, d_model {result['d_model']}, "
-             f"d_ff {result['d_ff']}, {result['tokens']:,} tokens, compile={result['compile']}",
-             "", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             f"d_ff {result['d_ff']}, {result['tokens']:,} tokens, compile={result['compile']}"]
+    if result.get("measure") == "bytes":
+        lines += ["", "Memory traffic of the compiled forward + backward (inductor's count; "
+                  "`/ dense` is the dense FFN's bytes over the layer's)", "",
+                  "| layer | E:k | bytes/token | FLOPs/byte | / dense |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['layer']} | {r['E:k']} | {r['bytes_per_token']:,.0f} | "
+                  f"{r['flops_per_byte']:.1f} | {r['fraction_of_dense']:.3f} |"
+                  for r in result["rows"]]
+        return "\n".join(lines)
+    lines += ["", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         ratio = f"{r['ours_over_hf']:.2f}x" if "ours_over_hf" in r else ""
         lines.append(f"| {r['layer']} | {r['E:k']} | {r['tokens_per_s']:,.0f} | "

@@ -111,6 +111,13 @@ class MasterWeights:
 
         return hook
 
+    def hook_bytes(self) -> int:
+        """Bytes the gradient hooks move in a step's first micro-batch, outside any compiled
+        graph: each weight's bf16 gradient read (2 bytes) and written into its fp32 master's
+        gradient (4). For ``condcomp bench ... --count-bytes``, whose count sees only the
+        compiled graphs."""
+        return 6 * sum(m.numel() for m in self.masters)
+
     def optimizer_params(self) -> list[nn.Parameter]:
         """``model.parameters()`` with each matrix weight replaced by its master."""
         swap = {id(p): m for p, m in zip(self.weights, self.masters)}

@@ -9,7 +9,7 @@
 # 10 minutes; the open goals first:
 #   scripts/gpu_checks.sh tests moe moe-bf16 moe-step mod-decode
 # then, with the time left, MoT at a wider shape and the re-measures:
-#   scripts/gpu_checks.sh mot-quality moe-compiled decode models &&
+#   scripts/gpu_checks.sh mot-quality moe-compiled decode models altup-wide &&
 #     FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
@@ -95,6 +95,16 @@ for what in "$@"; do
       section "bench models, compiled training"
       timeout 300 "${cc[@]}" bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
         --compile --what train --json "$OUT/models_compiled.json" ;;
+    altup-wide)
+      # Issue 6: AltUp's extra traffic grows as d_model, the layer's compute as its square
+      # (docs/benchmarks.md, "AltUp's memory traffic, counted"): the compiled step at d_model
+      # 2048 tests the estimate that the overhead halves there.
+      section "AltUp against dense, compiled, d_model 2048"
+      timeout 300 "${cc[@]}" bench models --configs configs/dense_small.toml,configs/altup.toml \
+        --set model.d_model=2048 --set model.n_layers=8 --set model.n_heads=16 \
+        --set model.d_ff=5632 --set model.max_seq_len=2048 --vocab-size 32000 \
+        --batch-size 8 --seq-len 2048 --steps 10 --warmup 3 --compile --what train \
+        --device "$DEVICE" --json "$OUT/altup_wide.json" ;;
     mod-decode)
       # Issue 4's decode goal needs routers that route what a trained router does (~12.5%); an
       # untrained bias-free router routes 0% or 50% (docs/benchmarks.md). So train dense and

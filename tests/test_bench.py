@@ -145,6 +145,36 @@ def test_bench_moe_with_bf16_weights_times_bf16_weights(tmp_path, monkeypatch):
     assert len(seen) >= 2 and all(dtypes == {torch.bfloat16} for dtypes in seen)
 
 
+def test_count_compiled_bytes_counts_what_the_kernels_read_and_write():
+    from condcomp.compiled_bytes import count_compiled_bytes
+
+    x = torch.randn(1000)
+    with count_compiled_bytes() as count:
+        torch.compile(lambda t: t * 2)(x)  # one kernel: reads 4000 bytes, writes 4000
+    assert (count.bytes, count.kernels) == (8000, 1)
+    with pytest.raises(ConfigError, match="no compiled bytes"), count_compiled_bytes():
+        pass  # nothing compiled
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is newer")
+def test_bench_moe_counts_compiled_bytes_on_the_cpu(tmp_path):
+    """``--count-bytes`` compiles each layer once, on the grouped-GEMM fast path, and sets its
+    memory traffic against the dense FFN's: an MoE moves more bytes than the dense layer of
+    equal FLOPs (the permuted copy, the router, the combine)."""
+    from condcomp.cli import main
+
+    out = tmp_path / "moe.json"
+    assert main(["bench", "moe", "--d-model", "32", "--d-ff", "64", "--tokens", "256",
+                 "--experts", "4:1", "--device", "cpu", "--dtype", "bfloat16", "--count-bytes",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["measure"] == "bytes" and result["compile"]
+    dense, moe = result["rows"]
+    assert dense["fraction_of_dense"] == 1.0 and 0 < moe["fraction_of_dense"] < 1
+    assert moe["bytes"] == pytest.approx(moe["bytes_per_token"] * 256)
+    assert moe["bytes"] > dense["bytes"] > 256 * 32 * 2  # at least the input, read once
+
+
 @pytest.mark.parametrize("argv, message", [
     (["moe", "--param-dtype", "bfloat16"], "add --dtype bfloat16"),
     (["moe", "--experts", "8-1"], "write E:k pairs"),
@@ -220,6 +250,23 @@ def test_bench_models_flags_a_decode_routing_share_far_from_the_trained_capacity
     for share in (0.0, 0.05, 0.53):  # what untrained routers have routed
         assert "trained capacity of 12.5%" in routing_unlike_training(mod, share)
     assert routing_unlike_training(TransformerLM(tiny_model_cfg()), 0.0) is None  # no MoD
+
+
+def test_bench_models_counts_the_compiled_step_bytes(tmp_path, capsys):
+    """``--count-bytes``: AltUp's K = 2 residual stream moves more bytes per token than the
+    width-d model at equal FLOPs, and the table says so against the baseline."""
+    from condcomp.cli import main
+
+    out = tmp_path / "models.json"
+    assert main(["bench", "models", "--configs", "configs/dense_small.toml,configs/altup.toml",
+                 "--what", "train", "--count-bytes", "--dtype", "bfloat16",
+                 "--set", "model.d_model=32", "--set", "model.n_layers=1", "--vocab-size", "64",
+                 "--batch-size", "2", "--seq-len", "16", "--json", str(out)]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert models["dense_small"]["train_bytes_ratio"] == 1.0
+    assert models["altup"]["train_bytes_ratio"] > 1.0
+    assert "train" not in models["altup"]  # counted, not timed
+    assert "train bytes/token" in capsys.readouterr().out
 
 
 def test_bench_models_needs_a_baseline_and_one_more(capsys):

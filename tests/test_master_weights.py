@@ -92,6 +92,12 @@ def test_micro_batches_accumulate_into_the_fp32_master_gradient():
     torch.testing.assert_close(grads[1], 2 * grads[0])
 
 
+def test_hook_bytes_are_a_bf16_read_and_an_fp32_write_per_weight():
+    model = TransformerLM(tiny_model_cfg(ffn=dict(kind="moe", options=dict(num_experts=4))))
+    n = sum(p.numel() for p in matrix_weights(model))
+    assert MasterWeights(model).hook_bytes() == (2 + 4) * n
+
+
 def test_param_dtype_bf16_without_bf16_compute_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="train.dtype"):
         load_config(REPO / "configs/dense_tiny.toml",

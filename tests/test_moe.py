@@ -50,6 +50,19 @@ def test_weight_layout_is_the_public_contract():
             "shared_experts.w1", "shared_experts.w2", "shared_experts.w3"} == names
 
 
+@pytest.mark.parametrize("options", [dict(top_k=2, num_shared_experts=1),
+                                     dict(routing_mode="expert_choice", capacity_factor=2.0)])
+def test_output_is_in_the_compute_dtype_like_the_dense_mlp(options):
+    # Under autocast the dense FFN returns bf16; an MoE in its slot returns the same dtype
+    # (an fp32 copy would double the bytes its output and its gradient move).
+    moe, mlp = make_moe(**options).train(), MLP(16, 24, "swiglu")
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_dense = moe(x), mlp(x)
+    assert y.dtype == y_dense.dtype == torch.bfloat16
+    assert moe(x).dtype == torch.float32  # no autocast: fp32 throughout
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_token_choice_output_matches_the_definition(normalize):
     moe = make_moe(normalize_topk=normalize).train()
@@ -211,9 +224,8 @@ def test_gathered_path_equals_sorted_path():
         gathered = moe(x)
         probs = torch.softmax(moe.router(x.reshape(-1, 16)).float(), -1)
         choice = routing.token_choice(probs, 2)
-        sorted_out = moe.experts.forward_dispatched(x.reshape(-1, 16), choice.expert_ids_TK,
-                                                    choice.kept_TK)
-        combined = (sorted_out * choice.weights_TK.unsqueeze(-1)).sum(1)
+        combined = moe.experts.forward_dispatched(x.reshape(-1, 16), choice.expert_ids_TK,
+                                                  choice.weights_TK, choice.kept_TK)
     torch.testing.assert_close(gathered.reshape(-1, 16), combined, atol=1e-5, rtol=1e-5)
 
 
@@ -226,6 +238,30 @@ def test_grouped_mm_reference_by_hand():
     torch.testing.assert_close(out[2:6], x[2:6] @ w[2])
     assert (out[6] == 0).all()
     torch.testing.assert_close(grouped_mm(x, w, offsets), out)  # the CPU takes the reference
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is newer")
+def test_fast_path_on_cpu_runs_grouped_mm_and_equals_the_reference():
+    # What `bench moe --count-bytes` compiles on the CPU: the CUDA kernel sequence, in bf16.
+    from condcomp.kernels.grouped_gemm import fast_path_on_cpu
+
+    torch.manual_seed(0)
+    offsets = torch.cumsum(torch.tensor([5, 0, 11, 8]), 0)  # every row in a group
+    x = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(4, 16, 8, requires_grad=True)
+    g = torch.randn(24, 8)
+    with fast_path_on_cpu():
+        fast = grouped_mm(x, w, offsets, all_rows=True)
+    assert fast.dtype == torch.bfloat16  # the fast path, not the fp32 reference
+    (fast.float() * g).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = grouped_mm_reference(x, w, offsets)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(fast.float(), ref, atol=0.15, rtol=2e-2)
+    torch.testing.assert_close(gx, x.grad, atol=0.15, rtol=2e-2)
+    torch.testing.assert_close(gw, w.grad, atol=0.15, rtol=2e-2)
+    assert grouped_mm(x, w, offsets).dtype == torch.float32  # outside: the reference again
 
 
 @pytest.mark.cuda
@@ -386,8 +422,8 @@ def test_a_zero_capacity_factor_means_dropless_in_toml():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_dispatch_permutations_match_plain_indexing_forward_and_backward(k):
-    from condcomp.kernels.permute import dispatch_rows, undispatch_rows
+def test_dispatch_and_combine_match_plain_indexing_forward_and_backward(k):
+    from condcomp.kernels.permute import combine_rows, dispatch_rows
 
     T, D = 11, 5
     order = torch.randperm(T * k)
@@ -395,24 +431,29 @@ def test_dispatch_permutations_match_plain_indexing_forward_and_backward(k):
     inverse[order] = torch.arange(T * k)
     x = torch.randn(T, D, requires_grad=True)
     g_out = torch.randn(T * k, D)
-    g_back = torch.randn(T * k, D)
 
-    def run(dispatch, undispatch):
+    def run_dispatch(dispatch):
         x.grad = None
         mid = dispatch(x)
-        mid.retain_grad()
-        (mid * g_out).sum().backward(retain_graph=True)
-        back = undispatch(mid.detach().requires_grad_(True))
-        return mid, back, x.grad.clone()
+        (mid * g_out).sum().backward()
+        return mid.detach(), x.grad.clone()
 
-    mid, back, gx = run(lambda x: dispatch_rows(x, order, inverse, k),
-                        lambda m: undispatch_rows(m, order, inverse))
-    want_mid, want_back, want_gx = run(lambda x: x[order // k], lambda m: m[inverse])
+    mid, gx = run_dispatch(lambda x: dispatch_rows(x, order, inverse, k))
+    want_mid, want_gx = run_dispatch(lambda x: x[order // k])
     torch.testing.assert_close(mid, want_mid)
-    torch.testing.assert_close(back, want_back)
     torch.testing.assert_close(gx, want_gx)
-    m = want_mid.detach().requires_grad_(True)
-    (undispatch_rows(m, order, inverse) * g_back).sum().backward()
-    m2 = want_mid.detach().requires_grad_(True)
-    (m2[inverse] * g_back).sum().backward()
-    torch.testing.assert_close(m.grad, m2.grad)
+
+    out_ND = torch.randn(T * k, D)
+    weights_TK = torch.rand(T, k)
+    g_y = torch.randn(T, D)
+
+    def run_combine(combine):
+        o, w = out_ND.clone().requires_grad_(True), weights_TK.clone().requires_grad_(True)
+        y = combine(o, w)
+        (y * g_y).sum().backward()
+        return y.detach(), o.grad, w.grad
+
+    got = run_combine(lambda o, w: combine_rows(o, w, order, inverse))
+    want = run_combine(lambda o, w: (o[inverse].view(T, k, D) * w.unsqueeze(-1)).sum(1))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

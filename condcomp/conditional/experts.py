@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condcomp.kernels.grouped_gemm import grouped_mm
-from condcomp.kernels.permute import dispatch_rows, undispatch_rows
+from condcomp.kernels.permute import combine_rows, dispatch_rows
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
 
@@ -78,11 +78,13 @@ class GroupedExperts(nn.Module):
         return grouped_mm(self._hidden(gate, up), self.w2, offsets_E, all_rows=True)
 
     def forward_dispatched(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                           kept_TK: torch.Tensor | None = None) -> torch.Tensor:
+                           weights_TK: torch.Tensor, kept_TK: torch.Tensor | None = None
+                           ) -> torch.Tensor:
         """Token choice through the grouped GEMMs: permute the (token, slot) pairs so each
-        expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute to
-        ``[T, k, D]``. ``kept_TK`` (None: every slot is kept) marks the slots that capacity,
-        padding or a no-op expert left out; they come back as zeros."""
+        expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute each token's
+        ``k`` outputs into ``sum_j weights_TK[t, j] * out[t, j]``, ``[T, D]``. ``kept_TK``
+        (None: every slot is kept) marks the slots that capacity, padding or a no-op expert
+        left out; they add nothing."""
         from condcomp.conditional.routing import count_per_expert
 
         T, K = expert_ids_TK.shape
@@ -106,8 +108,8 @@ class GroupedExperts(nn.Module):
             offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), ids_N.numel())])
         out_ND = self.forward_sorted(x_ND, offsets_E)
         # Un-permute by a gather with the inverse permutation: deterministic (no atomics),
-        # unlike index_add, and so are both backward passes (condcomp.kernels.permute).
-        return undispatch_rows(out_ND, order_N, inverse_N).view(T, K, -1)
+        # unlike index_add, and so is the backward (condcomp.kernels.permute).
+        return combine_rows(out_ND, weights_TK, order_N, inverse_N)
 
     def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
         """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""

@@ -159,12 +159,14 @@ class MixtureOfTokens(nn.Module):
         weight_N, expert_N = probs_NE.max(dim=-1)
         if x_ND.shape[0] <= GATHER_MAX_SLOTS:  # decoding: move one expert's weights
             out_ND = self.experts.forward_gathered(x_ND, expert_N)
+            y_ND = out_ND * weight_N.unsqueeze(-1).to(out_ND.dtype)
         else:
-            out_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1))[:, 0]
+            y_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1),
+                                                   weight_N.unsqueeze(1))
         with torch.no_grad():
             load = F.one_hot(expert_N, self.num_experts).float().mean(0)
             self.stats = {"tokens_per_expert": load, "temperature": self.temperature()}
-        return (out_ND * weight_N.unsqueeze(-1).to(out_ND.dtype)).view(B, T, D)
+        return y_ND.view(B, T, D)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, group_size={self.group_size}, "

@@ -12,6 +12,9 @@ tests hold every path to the reference, forward and backward.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 # Row strides of the operands must be 16-byte aligned for the CUTLASS grouped kernels.
@@ -36,10 +39,27 @@ def grouped_mm_reference(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: tor
     return torch.cat(out)
 
 
+_fast_path_on_cpu = False
+
+
+@contextmanager
+def fast_path_on_cpu() -> Iterator[None]:
+    """Inside the block, the CPU runs the fast path too (``torch._grouped_mm`` has a CPU kernel
+    in recent torch), so that a compiled CPU graph holds the kernels CUDA runs: what
+    ``condcomp bench moe --count-bytes`` counts. Training on the CPU keeps the reference."""
+    global _fast_path_on_cpu
+    saved, _fast_path_on_cpu = _fast_path_on_cpu, True
+    try:
+        yield
+    finally:
+        _fast_path_on_cpu = saved
+
+
 def _fast_path_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     grouped = getattr(torch, "_grouped_mm", None)
-    return (grouped is not None and x_MK.is_cuda
-            and torch.cuda.get_device_capability(x_MK.device)[0] >= 9
+    device_ok = ((x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device)[0] >= 9)
+                 or (_fast_path_on_cpu and x_MK.device.type == "cpu"))
+    return (grouped is not None and device_ok
             and x_MK.shape[1] % _ALIGN_ELEMS == 0 and w_EKN.shape[-1] % _ALIGN_ELEMS == 0)
 
 

@@ -1,4 +1,5 @@
-"""Row permutations for the MoE dispatch, with backward passes that are gathers too.
+"""Row permutations for the MoE dispatch and combine, with backward passes that are gathers
+too.
 
 Indexing ``x[idx]`` is a gather forward, but autograd does not know ``idx`` is a permutation
 (or each row repeated k times, then permuted), so its backward is an ``index_put`` with
@@ -29,18 +30,36 @@ class _Dispatch(torch.autograd.Function):
         return grad_TKD.sum(dim=1) if ctx.k > 1 else grad_TKD[:, 0], None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """``x[inverse_N]``: undoes the permutation ``order_N``; backward: ``grad[order_N]``."""
+class _Combine(torch.autograd.Function):
+    """``y_TD[t] = sum_j weights_TK[t, j] * out_ND[inverse_N[t * k + j]]``: un-permute the
+    experts' rows and weight them into each token's output.
+
+    The backward works in the experts' (sorted) order, where both gradients read the same
+    gathered row ``grad_TD[order_N[n] // k]``: ``grad_out[n]`` scales it by the slot's weight
+    and ``grad_w[n]`` is its dot product with ``out_ND[n]``, a pointwise output and a row
+    reduction over one loop that a compiler fuses into one pass. Computed per token instead,
+    the weight gradient gathers ``out_ND`` a second time.
+    """
 
     @staticmethod
-    def forward(ctx, x_ND, order_N, inverse_N):
-        ctx.save_for_backward(order_N)
-        return x_ND[inverse_N]
+    def forward(ctx, out_ND, weights_TK, order_N, inverse_N):
+        ctx.save_for_backward(out_ND, weights_TK, order_N, inverse_N)
+        T, K = weights_TK.shape
+        out_TKD = out_ND[inverse_N].view(T, K, -1)
+        return (out_TKD * weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
     @staticmethod
-    def backward(ctx, grad_ND):
-        (order_N,) = ctx.saved_tensors
-        return grad_ND[order_N], None, None
+    def backward(ctx, grad_TD):
+        out_ND, weights_TK, order_N, inverse_N = ctx.saved_tensors
+        K = weights_TK.shape[1]
+        grad_ND = grad_TD[order_N // K].to(out_ND.dtype)
+        w_N = weights_TK.reshape(-1)[order_N]
+        grad_out = grad_ND * w_N.unsqueeze(-1).to(grad_ND.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w_N = (grad_ND.float() * out_ND.float()).sum(dim=-1)
+            grad_w = grad_w_N[inverse_N].view_as(weights_TK).to(weights_TK.dtype)
+        return grad_out, grad_w, None, None
 
 
 def dispatch_rows(x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor,
@@ -49,7 +68,8 @@ def dispatch_rows(x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Te
     return _Dispatch.apply(x_TD, order_N, inverse_N, k)
 
 
-def undispatch_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor
-                    ) -> torch.Tensor:
-    """The inverse of the permutation ``order_N``: row ``n`` of the result is slot ``n``."""
-    return _Permute.apply(x_ND, order_N, inverse_N)
+def combine_rows(out_ND: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor,
+                 inverse_N: torch.Tensor) -> torch.Tensor:
+    """Each token's ``k`` expert outputs (row ``inverse_N[t * k + j]`` of ``out_ND``) summed
+    with its routing weights: ``[T, D]`` in ``out_ND``'s dtype."""
+    return _Combine.apply(out_ND, weights_TK, order_N, inverse_N)
