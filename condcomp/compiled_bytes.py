@@ -45,7 +45,8 @@ def count_compiled_bytes() -> Iterator[ByteCount]:
 
     Compile and run the code inside it (a forward and a backward, say); the counts land in the
     yielded :class:`ByteCount` when the block ends. Dynamo's cache is reset on entry, so that
-    code compiled before is compiled (and counted) again.
+    code compiled before is compiled (and counted) again, and on exit, so that nothing compiled
+    while counting is reused outside.
     """
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
