@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     plans = make_plans(args)
     if args.train_routers < 0:
         raise ConfigError("--train-routers must not be negative")
+    if args.count_bytes and "train" not in next(iter(plans.values())).what:
+        raise ConfigError("--count-bytes counts the training step: keep train in --what")
     result = benchmark(plans, log=print, router_steps=args.train_routers,
                        count_bytes=args.count_bytes)
     result["argv"] = ["condcomp", *sys.argv[1:]]
@@ -163,16 +165,15 @@ def train_step_bytes(model: torch.nn.Module, x_BT: torch.Tensor, plan: bench.Pla
         model.train()
         masters = master_weights_for(model, plan.cfg.train.param_dtype)
         try:
-            with count_compiled_bytes() as count:
+            with count_compiled_bytes(masters) as count:
                 with bench.autocast(plan.device, plan.amp_dtype):
                     loss = bench.loss_ours(torch.compile(model), x_BT.to(plan.device))
                 loss.backward()
-            hooks = masters.hook_bytes() if masters is not None else 0
         finally:
             model.zero_grad(set_to_none=True)
             if masters is not None:
                 masters.close()
-    return count.bytes + hooks
+    return count.bytes
 
 
 def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Plan],

@@ -163,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
 
     def counted(layer: nn.Module) -> float:
         stored = stored_for(layer)
-        with fast_path_on_cpu(), count_compiled_bytes() as count:  # one pass, counted
+        with fast_path_on_cpu(), count_compiled_bytes(stored) as count:  # one pass, counted
             time_fwd_bwd(torch.compile(layer), x, grad, 1, 0, amp,
                          stored.masters if stored is not None else [])
-        return float(count.bytes + (stored.hook_bytes() if stored is not None else 0))
+        return float(count.bytes)
 
     measure = counted if args.count_bytes else timed
     dense = MLP(d_model, d_ff, "swiglu").to(device)

@@ -21,10 +21,14 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from condcomp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from condcomp.master_weights import MasterWeights
 
 # torch._logging's artifact logger for inductor's per-graph metrics (torch/_inductor/compile_fx.py).
 _METRICS_LOGGER = "torch._inductor.compile_fx.__inductor_metrics"
@@ -40,8 +44,11 @@ class ByteCount:
 
 
 @contextmanager
-def count_compiled_bytes() -> Iterator[ByteCount]:
+def count_compiled_bytes(masters: MasterWeights | None = None) -> Iterator[ByteCount]:
     """Count the memory traffic of everything compiled inside the block.
+
+    ``masters``: the bf16-stored weights of the code counted; their gradient hooks run outside
+    any compiled graph, so their bytes (:meth:`MasterWeights.hook_bytes`) are added.
 
     Compile and run the code inside it (a forward and a backward, say); the counts land in the
     yielded :class:`ByteCount` when the block ends. Dynamo's cache is reset on entry, so that
@@ -65,11 +72,14 @@ def count_compiled_bytes() -> Iterator[ByteCount]:
                 functorch_config.patch(enable_autograd_cache=False):
             yield count
         count.bytes, count.kernels = metrics.num_bytes_accessed, metrics.generated_kernel_count
+        compiled = count.bytes
+        if masters is not None:
+            count.bytes += masters.hook_bytes()
     finally:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
         logger.handlers = saved[2]
         torch._dynamo.reset()
-    if count.bytes == 0:
+    if compiled == 0:
         raise ConfigError(f"torch {torch.__version__} reported no compiled bytes (inductor's "
                           "byte count needs a torch version that logs inductor_metrics)")

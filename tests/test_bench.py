@@ -267,6 +267,9 @@ def test_bench_models_counts_the_compiled_step_bytes(tmp_path, capsys):
     assert models["altup"]["train_bytes_ratio"] > 1.0
     assert "train" not in models["altup"]  # counted, not timed
     assert "train bytes/token" in capsys.readouterr().out
+    assert main(["bench", "models", "--configs", "configs/dense_small.toml,configs/altup.toml",
+                 "--what", "decode", "--count-bytes"]) == 2
+    assert "keep train in --what" in capsys.readouterr().err
 
 
 def test_bench_models_needs_a_baseline_and_one_more(capsys):

@@ -37,6 +37,7 @@ from condcomp.conditional import routing
 from condcomp.conditional.experts import GroupedExperts
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.kernels.permute import weighted_sum
 from condcomp.model.mlp import MLP
 
 ROUTINGS = ("token_choice", "expert_choice")
@@ -185,8 +186,8 @@ class MoE(nn.Module):
             if self.num_noop_experts:
                 self.stats["noop_fraction"] = out.noop_fraction
         # The compute dtype, as the dense MLP this layer replaces returns: an fp32 copy would
-        # cost the layer a write and its backward a read of twice the bytes (about 5% of an
-        # E = 8, top-1 layer's memory traffic), for no precision (the bf16 values upcast as is).
+        # cost the layer a write and its backward a read of twice the bytes, for no precision
+        # (bf16 values upcast exactly; docs/benchmarks.md, "Memory traffic, counted").
         return y_TD.view(B, T, D)
 
     def _token_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
@@ -220,8 +221,7 @@ class MoE(nn.Module):
         if not self.training and T * k <= GATHER_MAX_SLOTS:
             out_NK = self.experts.forward_gathered(
                 x_TD.repeat_interleave(k, dim=0), choice.expert_ids_TK.reshape(-1))
-            out_TKD = out_NK.view(T, k, -1)
-            y_TD = (out_TKD * choice.weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
+            y_TD = weighted_sum(out_NK.view(T, k, -1), choice.weights_TK)
         else:
             y_TD = self.experts.forward_dispatched(x_TD, choice.expert_ids_TK, choice.weights_TK,
                                                    choice.kept_TK if may_drop else None)

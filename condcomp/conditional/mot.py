@@ -47,6 +47,7 @@ from condcomp.conditional.experts import GroupedExperts
 from condcomp.conditional.moe import GATHER_MAX_SLOTS
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.kernels.permute import weighted_sum
 from condcomp.model.mlp import MLP
 
 ROUTINGS = ("continuous", "token_choice")
@@ -159,7 +160,7 @@ class MixtureOfTokens(nn.Module):
         weight_N, expert_N = probs_NE.max(dim=-1)
         if x_ND.shape[0] <= GATHER_MAX_SLOTS:  # decoding: move one expert's weights
             out_ND = self.experts.forward_gathered(x_ND, expert_N)
-            y_ND = out_ND * weight_N.unsqueeze(-1).to(out_ND.dtype)
+            y_ND = weighted_sum(out_ND.unsqueeze(1), weight_N.unsqueeze(1))
         else:
             y_ND = self.experts.forward_dispatched(x_ND, expert_N.unsqueeze(1),
                                                    weight_N.unsqueeze(1))

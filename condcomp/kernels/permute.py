@@ -45,8 +45,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, out_ND, weights_TK, order_N, inverse_N):
         ctx.save_for_backward(out_ND, weights_TK, order_N, inverse_N)
         T, K = weights_TK.shape
-        out_TKD = out_ND[inverse_N].view(T, K, -1)
-        return (out_TKD * weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
+        return weighted_sum(out_ND[inverse_N].view(T, K, -1), weights_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):
@@ -60,6 +59,12 @@ class _Combine(torch.autograd.Function):
             grad_w_N = (grad_ND.float() * out_ND.float()).sum(dim=-1)
             grad_w = grad_w_N[inverse_N].view_as(weights_TK).to(weights_TK.dtype)
         return grad_out, grad_w, None, None
+
+
+def weighted_sum(out_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights_TK[t, j] * out_TKD[t, j]``, in ``out_TKD``'s dtype: how a token's expert
+    outputs combine, on every path (sorted, gathered)."""
+    return (out_TKD * weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
 
 
 def dispatch_rows(x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor,
