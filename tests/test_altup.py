@@ -53,6 +53,8 @@ def test_embedding_plain_widens_recycled_copies():
     (dict(k=2), dict(ffn=dict(kind="moe", layers="odd", options=dict(num_experts=4)))),
     (dict(k=2, recycled=True), dict(n_layers=4, wrapper=dict(kind="mod", layers="odd",
                                                              options=dict(capacity=0.5)))),
+    (dict(k=2), dict(ffn=dict(kind="sparse_ff", options=dict(block_size=8, d_lowrank=8)),
+                     attention=dict(kind="sparse_qkv"), n_kv_heads=4)),
 ])
 def test_trains_and_cached_decoding_equals_the_full_forward(options, extra):
     model = TransformerLM(tiny_model_cfg(residual=dict(kind="altup", options=options), **extra))
