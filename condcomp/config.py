@@ -17,12 +17,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-import types
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_origin, get_type_hints
+from typing import Any
 
+from condcomp import registry, tables
 from condcomp.errors import ConfigError
+
+# Re-exported: users and family modules import the seam types from here.
+from condcomp.seams import SEAM_DEFAULTS as SEAM_DEFAULTS
+from condcomp.seams import LayerSelection as LayerSelection
+from condcomp.seams import SeamConfig as SeamConfig
+from condcomp.seams import select_layers as select_layers
+from condcomp.tables import build as options_from_dict  # noqa: F401 (re-exported)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,52 +37,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-LayerSelection = str | list  # "all" | "even" | "odd" | "none" | [layer indices]
-
-
-@dataclass
-class SeamConfig:
-    """Which family fills one seam, on which layers, with which options.
-
-    ``options`` holds the family's own keys; they are checked against the family's options
-    dataclass when the config is validated (:func:`condcomp.registry.parse_options`).
-    """
-
-    kind: str
-    layers: LayerSelection = "all"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def selects(self, layer_idx: int, n_layers: int) -> bool:
-        return layer_idx in select_layers(self.layers, n_layers, "?")
-
-
-def select_layers(selection: LayerSelection, n_layers: int, key: str) -> set[int]:
-    """Resolve a layer selection ("all", "even", "odd", "none" or a list of indices)."""
-    if isinstance(selection, str):
-        named = {
-            "all": set(range(n_layers)),
-            "none": set(),
-            "even": set(range(0, n_layers, 2)),
-            "odd": set(range(1, n_layers, 2)),
-        }
-        if selection not in named:
-            raise ConfigError(
-                f"{key} = {selection!r} is not a layer selection; use one of "
-                f"{sorted(named)} or a list of layer indices such as [1, 3]"
-            )
-        return named[selection]
-    if isinstance(selection, (list, tuple)):
-        bad = [i for i in selection if not isinstance(i, int) or not 0 <= i < n_layers]
-        if bad:
-            raise ConfigError(
-                f"{key} names layers {bad} that do not exist; the model has layers 0..{n_layers - 1}"
-            )
-        return set(selection)
-    raise ConfigError(f"{key} must be a string or a list of layer indices, got {selection!r}")
-
-
-# The family each seam gets when the config names none: the plain dense transformer.
-SEAM_DEFAULTS = {"ffn": "mlp", "attention": "dense", "wrapper": "full", "residual": "plain"}
 
 
 def _default_seam(seam: str) -> Any:
@@ -149,8 +110,6 @@ class ModelConfig:
             raise ConfigError(f"model.dropout = {self.dropout} must be in [0, 1)")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
-        from condcomp import registry  # late: the registry imports the families, which import us
-
         for seam_name, seam in self.seams().items():
             registry.validate_seam(seam_name, seam, self)
 
@@ -343,71 +302,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, raw, "")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a table, got {raw!r}")
-    if cls is SeamConfig:
-        return _build_seam(raw, prefix)
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {_join(prefix, unknown[0])}; valid keys in [{prefix or 'top level'}]: "
-            f"{sorted(known)}"
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, _join(prefix, name))
-    return cls(**kwargs)
-
-
-def _build_seam(raw: dict[str, Any], prefix: str) -> SeamConfig:
-    raw = dict(raw)
-    kind = raw.pop("kind", SEAM_DEFAULTS.get(prefix.split(".")[-1], ""))
-    if not isinstance(kind, str) or not kind:
-        raise ConfigError(f"{prefix}.kind must name a family, got {kind!r}")
-    layers = raw.pop("layers", "all")
-    options = raw.pop("options", {})
-    options.update(raw)  # family options may sit in the seam table itself
-    return SeamConfig(kind=kind, layers=layers, options=options)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if origin in (dict, list, tuple) or tp in (dict, list):
-        expected = origin or tp
-        if not isinstance(value, expected if expected is not tuple else (list, tuple)):
-            raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return tables.build(RunConfig, raw, "")
 
 
 def _positive(obj: Any, section: str, names: list[str]) -> None:
@@ -422,8 +317,3 @@ def _non_negative(obj: Any, section: str, names: list[str]) -> None:
         value = getattr(obj, name)
         if value < 0:
             raise ConfigError(f"{section}.{name} = {value} must not be negative")
-
-
-def options_from_dict(cls: type, options: dict[str, Any], key: str) -> Any:
-    """Build a family's options dataclass from a seam's ``options``, naming unknown keys."""
-    return _build(cls, options, key)

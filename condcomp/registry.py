@@ -18,17 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from condcomp import tables
 from condcomp.errors import ConfigError
+from condcomp.seams import SEAM_DEFAULTS, SEAMS, SeamConfig, select_layers
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from condcomp.config import ModelConfig, SeamConfig
+    from condcomp.config import ModelConfig
 
-SEAMS = ("ffn", "attention", "wrapper", "residual")
-
-# Modules that register the built-in families; imported on first lookup so that importing
-# the registry stays cheap and free of import cycles.
+# Modules that register the built-in families; imported on first lookup, by name, so that
+# importing the registry stays cheap and the registry depends on no family (the families
+# import the registry to register themselves).
 BUILTIN_FAMILY_MODULES = (
     "condcomp.model.mlp",
     "condcomp.model.attention",
@@ -104,15 +105,11 @@ def get(seam: str, name: str) -> Family:
 
 def parse_options(seam: str, seam_cfg: SeamConfig) -> Any:
     """The seam's options as the family's options dataclass (unknown keys are errors)."""
-    from condcomp.config import options_from_dict
-
     family = get(seam, seam_cfg.kind)
-    return options_from_dict(family.options, seam_cfg.options, f"model.{seam}")
+    return tables.build(family.options, seam_cfg.options, f"model.{seam}")
 
 
 def validate_seam(seam: str, seam_cfg: SeamConfig, model_cfg: ModelConfig) -> None:
-    from condcomp.config import select_layers
-
     if seam == "residual" and seam_cfg.layers != "all":
         raise ConfigError("model.residual.layers: the residual stream spans the whole model; "
                           "remove the key")
@@ -126,8 +123,6 @@ def validate_seam(seam: str, seam_cfg: SeamConfig, model_cfg: ModelConfig) -> No
 def build(seam: str, model_cfg: ModelConfig, layer_idx: int | None) -> nn.Module:
     """Build the module for ``seam`` at ``layer_idx``: the configured family on the layers it
     selects, and the seam's default (dense) family elsewhere."""
-    from condcomp.config import SEAM_DEFAULTS, SeamConfig
-
     seam_cfg: SeamConfig = getattr(model_cfg, seam)
     if layer_idx is not None and not seam_cfg.selects(layer_idx, model_cfg.n_layers):
         seam_cfg = SeamConfig(kind=SEAM_DEFAULTS[seam])
@@ -137,8 +132,6 @@ def build(seam: str, model_cfg: ModelConfig, layer_idx: int | None) -> nn.Module
 
 def describe(model_cfg: ModelConfig) -> str:
     """A short human description of which families fill which seams (for reports)."""
-    from condcomp.config import SEAM_DEFAULTS
-
     parts = []
     for seam in SEAMS:
         seam_cfg = getattr(model_cfg, seam)
