@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/condcomp compare configs/suites/demo.toml
+	$(VENV)/bin/condcomp compare demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

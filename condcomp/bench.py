@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train-step and batch-1 decode throughput of a model, measured side by "
         "side with HF LlamaForCausalLM holding the same weights, on the same shapes and in "
         "the same precision. Prints a table; --json writes every figure.")
-    p.add_argument("--config", help="a TOML preset, e.g. configs/gpt_125m.toml (default: the "
+    p.add_argument("--config", help="a preset name, e.g. gpt_125m, or a TOML file (default: the "
                    "ModelConfig defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_layers=6 (repeatable)")

@@ -41,8 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "models", help="train step and decode of several presets side by side, against the "
         "first", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", required=True,
-                   help="comma list of TOML presets; the first is the baseline, e.g. "
-                   "configs/dense_small.toml,configs/mod.toml")
+                   help="comma list of presets (names or TOML files); the first is the "
+                   "baseline, e.g. dense_small,mod")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key in every preset, e.g. --set model.d_model=1024")
     bench.add_measure_options(p, decode_tokens=64)

@@ -1,4 +1,4 @@
-"""``condcomp <command>``: train, eval, generate, compare, bench.
+"""``condcomp <command>``: train, eval, generate, compare, bench, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -14,7 +14,7 @@ from condcomp.errors import CondcompError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a TOML preset, e.g. configs/dense_small.toml")
+    p.add_argument("--config", help="a preset name (condcomp presets lists them) or a TOML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
 
@@ -94,6 +94,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from condcomp import presets
+
+    if args.name:
+        sys.stdout.write(presets.builtin_text(args.name))
+        return 0
+    for title, entries in (("presets", presets.list_presets()), ("suites", presets.list_suites())):
+        print(f"{title}:")
+        width = max(len(name) for name, _ in entries)
+        for name, description in entries:
+            print(f"  {name:<{width}}  {description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from condcomp import __version__, bench
 
@@ -131,13 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
-    p.add_argument("suite", help="a suite TOML, e.g. configs/suites/demo.toml")
+    p.add_argument("suite", help="a suite name, e.g. demo (condcomp presets lists them), or a "
+                   "suite TOML file")
     p.add_argument("--out", help="output folder (default: runs/<suite name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of every model's config, e.g. --set train.max_steps=50")
     p.set_defaults(func=cmd_compare)
 
     bench.add_parser(sub)
+
+    p = sub.add_parser("presets", help="list the built-in presets and suites, or print one")
+    p.add_argument("name", nargs="?",
+                   help="a preset or suite whose TOML to print, to copy and edit")
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

@@ -1,11 +1,13 @@
-"""``condcomp compare SUITE.toml``: train a suite of models on the same data and token budget,
+"""``condcomp compare SUITE``: train a suite of models on the same data and token budget,
 then write the comparison report.
 
-A suite file::
+A suite is a built-in name (``condcomp compare demo``: ``condcomp/presets/suites/demo.toml``)
+or a file::
 
     [suite]
     name = "demo"
-    base = "../dense_small.toml"   # preset every model starts from (relative to the suite)
+    base = "dense_small"           # preset every model starts from: a file relative to the
+                                   # suite, else a built-in preset
     budget_tokens = 1_000_000      # training tokens, the same for every model
     decode_tokens = 64             # batch-1 decode tokens timed per model
 
@@ -18,7 +20,7 @@ A suite file::
 
     [[models]]
     name = "switch"
-    preset = "../switch.toml"      # start from another preset instead of the suite's base
+    preset = "switch"              # start from another preset instead of the suite's base
 
 Every model trains into ``<out>/<model name>/``. A model whose run already finished is not
 trained again (its run is resumed, which for a finished run only re-evaluates), so a suite can
@@ -41,6 +43,7 @@ from condcomp.config import apply_override, deep_merge, from_dict, read_toml
 from condcomp.data import prepare_data
 from condcomp.errors import ConfigError
 from condcomp.generate import decode_tokens_per_s
+from condcomp.presets import find_preset, find_suite
 from condcomp.report import RunSummary, write_report
 from condcomp.runs import LoadedRun, load_run, read_metrics
 from condcomp.runtime import device_name, resolve_device
@@ -73,21 +76,21 @@ def _token_depths(run: LoadedRun, n_tokens: int = 400) -> list[tuple[str, int]] 
     return [(run.tokenizer.decode([t]), d) for t, d in zip(tokens[0].tolist(), depths)]
 
 
-def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
-    path = Path(path)
+def load_suite(name_or_path: str | Path, overrides: list[str] | None = None) -> Suite:
+    path = find_suite(name_or_path)
     raw = read_toml(path)
     unknown = sorted(set(raw) - {"suite", "common", "models"})
     if unknown:
         raise ConfigError(f"{path}: unknown table {unknown[0]!r}; a suite has [suite], [common] "
                           "and [[models]]")
     head = raw.get("suite", {})
-    name = head.get("name", path.stem)
+    name = head.get("name", path.name.removesuffix(".toml"))
     budget = head.get("budget_tokens", 0)
     if not isinstance(budget, int) or budget <= 0:
         raise ConfigError(f"{path}: suite.budget_tokens must be a positive integer, got {budget!r}")
     base: dict[str, Any] = {}
     if "base" in head:
-        base = read_toml((path.parent / head["base"]).resolve())
+        base = read_toml(find_preset(head["base"], relative_to=path))
     models = raw.get("models", [])
     if not models:
         raise ConfigError(f"{path}: the suite has no [[models]]; add at least one")
@@ -104,7 +107,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
         if extra:
             raise ConfigError(f"{path}: models[{i}] ({model_name}) has unknown keys {sorted(extra)}; "
                               "put config keys under config = { ... }")
-        start = read_toml((path.parent / entry["preset"]).resolve()) if "preset" in entry else base
+        start = (read_toml(find_preset(entry["preset"], relative_to=path)) if "preset" in entry
+                 else base)
         merged = deep_merge(deep_merge(start, raw.get("common", {})), entry.get("config", {}))
         for item in overrides or []:
             apply_override(merged, item)
@@ -115,10 +119,10 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
     return suite
 
 
-def run_suite(path: str | Path, out_dir: str | Path | None = None,
+def run_suite(name_or_path: str | Path, out_dir: str | Path | None = None,
               overrides: list[str] | None = None, log=print) -> Path:
     """Train every model of the suite (skipping finished ones) and write the report."""
-    suite = load_suite(path, overrides)
+    suite = load_suite(name_or_path, overrides)
     out = Path(out_dir or f"runs/{suite.name}")
     summaries = []
     for model in suite.models:

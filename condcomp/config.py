@@ -1,5 +1,8 @@
 """Configs: dataclasses with validation, loaded from TOML presets with ``--set`` overrides.
 
+A config is a TOML file or the name of a built-in preset (``switch``; see
+:mod:`condcomp.presets`).
+
 A run config has three sections, ``[model]``, ``[data]`` and ``[train]``. The model names,
 for each of the four seams of DESIGN.md, the family that fills it and (for per-layer seams)
 on which layers::
@@ -19,10 +22,11 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from condcomp import registry, tables
 from condcomp.errors import ConfigError
+from condcomp.presets import find_preset
 
 # Re-exported: users and family modules import the seam types from here.
 from condcomp.seams import SEAM_DEFAULTS as SEAM_DEFAULTS
@@ -30,6 +34,9 @@ from condcomp.seams import LayerSelection as LayerSelection
 from condcomp.seams import SeamConfig as SeamConfig
 from condcomp.seams import select_layers as select_layers
 from condcomp.tables import build as options_from_dict  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from condcomp.presets import Source
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -240,33 +247,37 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a TOML preset (or the defaults), apply ``section.key=value`` overrides, validate."""
+def load_config(config: str | Path | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """Load a config (a TOML file, or a built-in preset by name; ``None``: the defaults),
+    apply ``section.key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
+    if config is not None:
+        raw = read_toml(find_preset(config))
     for item in overrides or []:
         apply_override(raw, item)
     return from_dict(raw).validate()
 
 
-def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a TOML config. A top-level ``extends = "other.toml"`` (relative to this file)
-    starts from that preset and overrides its keys, so a preset states only what it changes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/ for the presets")
+def read_toml(source: Source, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a TOML config file. A top-level ``extends = "other"`` (a file relative to this one,
+    else a built-in preset) starts from that config and overrides its keys, so a preset states
+    only what it changes."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
     base = raw.pop("extends", None)
     if base is None:
         return raw
-    base_path = (path.parent / base).resolve()
-    if base_path in _seen:
-        raise ConfigError(f"config file {path}: 'extends' makes a cycle through {base_path}")
-    return deep_merge(read_toml(base_path, (*_seen, base_path)), raw)
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {source}: extends must name a preset or a TOML file, "
+                          f"got {base!r}")
+    base_source = find_preset(base, relative_to=source)
+    key = str(base_source.resolve() if isinstance(base_source, Path) else base_source)
+    if key in _seen:
+        raise ConfigError(f"config file {source}: 'extends' makes a cycle through {key}")
+    return deep_merge(read_toml(base_source, (*_seen, key)), raw)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Comparison report for ``condcomp compare``: plots, a markdown table and a JSON summary.
 
-``condcomp compare SUITE.toml`` trains several models on the same data with the same token
+``condcomp compare SUITE`` trains several models on the same data with the same token
 budget, then hands one :class:`RunSummary` per model to :func:`write_report`, which writes::
 
     out_dir/

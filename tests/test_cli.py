@@ -19,10 +19,10 @@ def test_python_dash_m_and_help():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--config", "configs/dense_tiny.toml", "--set", "model.n_heads=3"],
+    (["train", "--config", "dense_tiny", "--set", "model.n_heads=3"],
      "model.n_heads = 3 does not divide model.d_model = 64"),
     (["train", "--config", "configs/nope.toml"], "config file configs/nope.toml does not exist"),
-    (["train", "--config", "configs/dense_tiny.toml", "--set", "data.corpus=/no/such/path"],
+    (["train", "--config", "dense_tiny", "--set", "data.corpus=/no/such/path"],
      "/no/such/path"),
     (["eval", "/no/such/run"], "is not a run directory"),
     (["generate", "/no/such/run", "--prompt", "hi"], "is not a run directory"),
@@ -43,7 +43,7 @@ def test_bad_data_files_stop_training_before_it_starts(content, message, tmp_pat
     monkeypatch.chdir(REPO)
     bad = tmp_path / "corpus.txt"
     bad.write_bytes(content)
-    code = main(["train", "--config", "configs/dense_tiny.toml", "--set", f'data.corpus="{bad}"',
+    code = main(["train", "--config", "dense_tiny", "--set", f'data.corpus="{bad}"',
                  "--set", f'out_dir="{tmp_path / "run"}"',
                  "--set", f'data.cache_dir="{tmp_path / "cache"}"'])
     assert code == 2

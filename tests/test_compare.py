@@ -22,7 +22,7 @@ def write_suite(tmp_path: Path, models: str, budget: int = 4096) -> Path:
     suite.write_text(f"""
 [suite]
 name = "tiny"
-base = "{REPO / 'configs/dense_tiny.toml'}"
+base = "dense_tiny"
 budget_tokens = {budget}
 decode_tokens = 8
 
@@ -69,7 +69,7 @@ def test_a_tiny_suite_writes_the_report(tmp_path, capsys):
 
 
 def test_the_demo_suite_is_valid():
-    suite = load_suite(REPO / "configs/suites/demo.toml")
+    suite = load_suite("demo")
     assert {m.name for m in suite.models} >= {"dense", "switch-8e", "mod-12.5%", "sparse-ff",
                                           "sparse-ff+qkv", "altup", "altup-recycled", "mot"}
 

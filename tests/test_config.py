@@ -1,23 +1,20 @@
 """Configs: presets load, overrides apply, impossible values stop with a clear message."""
 
-from pathlib import Path
-
 import pytest
 
 from condcomp.config import apply_override, load_config
 from condcomp.errors import ConfigError
+from condcomp.presets import list_presets
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-
-@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.toml")))
+@pytest.mark.parametrize("preset", [name for name, _ in list_presets()])
 def test_every_preset_validates(preset):
-    cfg = load_config(CONFIGS / preset)
+    cfg = load_config(preset)
     assert cfg.name
 
 
 def test_overrides_are_typed_by_toml():
-    cfg = load_config(CONFIGS / "dense_small.toml",
+    cfg = load_config("dense_small",
                       ["train.lr=1e-3", "model.n_layers=2", "data.tokenizer=bpe",
                        "model.tie_embeddings=false"])
     assert cfg.train.lr == 1e-3 and cfg.model.n_layers == 2
@@ -48,7 +45,7 @@ def test_override_into_a_seam_table():
 ])
 def test_impossible_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS / "dense_small.toml", [override])
+        load_config("dense_small", [override])
     assert message in str(err.value)
 
 

@@ -5,8 +5,6 @@ These run only where CUDA is (marked ``cuda``); the CPU suite holds the referenc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import assert_cached_decoding_matches
@@ -15,18 +13,18 @@ from condcomp.conditional.experts import GroupedExperts
 from condcomp.config import load_config
 from condcomp.layers import MoE
 from condcomp.model import TransformerLM
+from condcomp.presets import list_presets
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Every preset at its own shape, except the 125M one (its shape is the same code, larger).
-PRESETS = sorted(p.stem for p in CONFIGS.glob("*.toml") if p.stem != "gpt_125m")
+PRESETS = [name for name, _ in list_presets() if name != "gpt_125m"]
 VOCAB, BATCH, SEQ = 256, 8, 64  # a batch of 8: Mixture of Tokens groups 8 sequences
 
 
 def build(preset: str) -> TransformerLM:
-    cfg = load_config(CONFIGS / f"{preset}.toml", [f"model.vocab_size={VOCAB}"])
+    cfg = load_config(preset, [f"model.vocab_size={VOCAB}"])
     torch.manual_seed(0)
     return TransformerLM(cfg.model)
 

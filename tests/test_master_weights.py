@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, tiny_model_cfg, tiny_overrides
+from helpers import tiny_model_cfg, tiny_overrides
 from safetensors.torch import load_file
 
 from condcomp.checkpoint import list_checkpoints
@@ -36,7 +36,7 @@ def test_training_with_master_weights_equals_bf16_autocast(preset, corpus, tmp_p
     runs = {}
     for param_dtype in ("float32", "bfloat16"):
         name = f"{preset}-{param_dtype}"
-        cfg = load_config(REPO / f"configs/{preset}.toml", [
+        cfg = load_config(preset, [
             *tiny_overrides(corpus, tmp_path, name, steps=6), "train.batch_size=8",
             "train.grad_accum=2", "train.ckpt_every=6", "train.eval_every=3",
             "train.dtype='bfloat16'", f"train.param_dtype='{param_dtype}'", "model.dropout=0.0"])
@@ -100,18 +100,18 @@ def test_hook_bytes_are_a_bf16_read_and_an_fp32_write_per_weight():
 
 def test_param_dtype_bf16_without_bf16_compute_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="train.dtype"):
-        load_config(REPO / "configs/dense_tiny.toml",
+        load_config("dense_tiny",
                     [*tiny_overrides(corpus, tmp_path, "x"), "train.dtype='float32'",
                      "train.param_dtype='bfloat16'"])
     # On the CPU "auto" computes in fp32: refused when training starts, before any file.
-    cfg = load_config(REPO / "configs/dense_tiny.toml",
+    cfg = load_config("dense_tiny",
                       [*tiny_overrides(corpus, tmp_path, "y"), "train.device='cpu'",
                        "train.param_dtype='bfloat16'"])
     with pytest.raises(ConfigError, match="train.dtype = 'bfloat16'"):
         train(cfg, log=lambda s: None)
     assert not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="param_dtype"):
-        load_config(REPO / "configs/dense_tiny.toml",
+        load_config("dense_tiny",
                     [*tiny_overrides(corpus, tmp_path, "z"), "train.param_dtype='float16'"])
 
 
@@ -130,7 +130,7 @@ def test_close_gives_the_model_its_fp32_weights_back():
 
 def test_a_run_with_master_weights_resumes_bit_for_bit(corpus, tmp_path):
     def run(name: str, steps: int, resume: bool = False) -> Path:
-        cfg = load_config(REPO / "configs/switch.toml", [
+        cfg = load_config("switch", [
             *tiny_overrides(corpus, tmp_path, name, steps=steps), "train.ckpt_every=3",
             "train.dtype='bfloat16'", "train.param_dtype='bfloat16'"])
         return train(cfg, resume=resume, log=lambda s: None).run_dir

@@ -30,7 +30,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def straight_run(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    cfg = load_config(REPO / "configs/dense_tiny.toml", tiny_overrides(corpus, tmp, "straight"))
+    cfg = load_config("dense_tiny", tiny_overrides(corpus, tmp, "straight"))
     result = train(cfg, log=lambda s: None)
     return result, tmp
 
@@ -51,10 +51,10 @@ def test_training_lowers_the_loss_and_writes_the_run(straight_run):
 
 def test_resume_gives_the_same_losses_bit_for_bit(straight_run, corpus, tmp_path):
     straight, _ = straight_run
-    cfg = load_config(REPO / "configs/dense_tiny.toml",
+    cfg = load_config("dense_tiny",
                       tiny_overrides(corpus, tmp_path, "split", steps=10))
     train(cfg, log=lambda s: None)
-    cfg = load_config(REPO / "configs/dense_tiny.toml", tiny_overrides(corpus, tmp_path, "split"))
+    cfg = load_config("dense_tiny", tiny_overrides(corpus, tmp_path, "split"))
     train(cfg, resume=True, log=lambda s: None)
     assert losses(tmp_path / "split") == losses(straight.run_dir)
 
@@ -62,7 +62,7 @@ def test_resume_gives_the_same_losses_bit_for_bit(straight_run, corpus, tmp_path
 def test_resume_after_sigkill_is_exact(straight_run, corpus, tmp_path):
     straight, _ = straight_run
     args = [sys.executable, "-m", "condcomp", "train", "--config",
-            str(REPO / "configs/dense_tiny.toml")]
+            "dense_tiny"]
     overrides = tiny_overrides(corpus, tmp_path, "killed", steps=2000)
     for item in overrides:
         args += ["--set", item]
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_is_exact(straight_run, corpus, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # Resume the killed run from its step-10 checkpoint with the straight run's 20 steps.
-    cfg = load_config(REPO / "configs/dense_tiny.toml", tiny_overrides(corpus, tmp_path, "killed"))
+    cfg = load_config("dense_tiny", tiny_overrides(corpus, tmp_path, "killed"))
     ten = next(c for c in list_checkpoints(run_dir) if c.step == 10)
     train(cfg, resume=ten.path, log=lambda s: None)
     assert losses(run_dir) == losses(straight.run_dir)
@@ -101,7 +101,7 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_still_loads(straight
 
 def test_refuses_to_overwrite_a_run_without_resume(straight_run, corpus):
     straight, tmp = straight_run
-    cfg = load_config(REPO / "configs/dense_tiny.toml", tiny_overrides(corpus, tmp, "straight"))
+    cfg = load_config("dense_tiny", tiny_overrides(corpus, tmp, "straight"))
     with pytest.raises(CondcompError, match="pass --resume"):
         train(cfg, log=lambda s: None)
 
@@ -133,7 +133,7 @@ registry.register(registry.Family("test_nan", "ffn", _NoOptions,
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(corpus, tmp_path):
-    cfg = load_config(REPO / "configs/dense_tiny.toml",
+    cfg = load_config("dense_tiny",
                       tiny_overrides(corpus, tmp_path, "nan") + ["model.ffn.kind=test_nan",
                                                                  "train.max_nonfinite=3"])
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
