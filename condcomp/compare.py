@@ -43,6 +43,7 @@ from condcomp.config import apply_override, deep_merge, from_dict, read_toml
 from condcomp.data import prepare_data
 from condcomp.errors import ConfigError
 from condcomp.generate import decode_tokens_per_s
+from condcomp.machine_load import LoadMeter, mean_share
 from condcomp.presets import find_preset, find_suite
 from condcomp.report import RunSummary, write_report
 from condcomp.runs import LoadedRun, load_run, read_metrics
@@ -139,6 +140,15 @@ def run_suite(name_or_path: str | Path, out_dir: str | Path | None = None,
     return write_report(out, suite.name, summaries, notes=notes, device=device_name(device))
 
 
+def _training_load(trains: list[dict[str, Any]]) -> float | None:
+    """Other processes' share of the CPUs over the whole training, from the share each train
+    row logged for the steps since the row before (weighted by those steps' time); None for a
+    run that logged none (trained before it was measured)."""
+    elapsed = [row.get("elapsed_s", 0.0) for row in trains]
+    return mean_share((row.get("other_cpu_share"), now - before)
+                      for row, before, now in zip(trains, [0.0, *elapsed], elapsed))
+
+
 def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
     run = load_run(run_dir)  # the CPU: decode speed is the single-stream latency users see
     metrics = read_metrics(run_dir)
@@ -146,7 +156,9 @@ def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
     trains = [row for row in metrics if row.get("kind") == "train"]
     last = trains[-1] if trains else {"tokens": 0, "elapsed_s": 0.0}
     seq_len = run.cfg.train.seq_len
+    meter = LoadMeter()
     decode = decode_tokens_per_s(run.model, new_tokens=decode_tokens)
+    decode_load = meter.lap()
     return RunSummary(
         name=name, run_dir=str(run_dir), family=registry.describe(run.cfg.model),
         total_params=run.model.num_params(), active_params=run.model.num_params(active_only=True),
@@ -154,5 +166,7 @@ def _summarise(name: str, run_dir: Path, decode_tokens: int) -> RunSummary:
         final_val_loss=evals[-1]["val_loss"] if evals else float("nan"),
         bits_per_byte=evals[-1]["val_bpb"] if evals else float("nan"),
         train_tokens_per_s=last["tokens"] / last["elapsed_s"] if last["elapsed_s"] else 0.0,
-        decode_tokens_per_s=decode, metrics=metrics, token_depths=_token_depths(run),
+        decode_tokens_per_s=decode, train_other_cpu_share=_training_load(trains),
+        decode_other_cpu_share=decode_load.other_cpu_share, metrics=metrics,
+        token_depths=_token_depths(run),
         n_layers=run.cfg.model.n_layers)

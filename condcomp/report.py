@@ -31,6 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter
 
+from condcomp.machine_load import BUSY_SHARE, is_busy
+
 __all__ = ["RunSummary", "write_report", "human_count", "human_si", "PLOT_FILES"]
 
 # Training FLOPs per token = forward + backward, with the backward pass costing about twice
@@ -47,6 +49,7 @@ PLOT_FILES = {
 _DPI = 120
 _FIGSIZE = (7.5, 4.8)
 _MISSING = "n/a"
+_BUSY_MARK = "*"  # on a throughput measured while other processes were busy on the CPUs
 _LOSS_LABEL = "validation loss (cross-entropy, nats/token)"
 
 
@@ -70,6 +73,10 @@ class RunSummary:
     bits_per_byte: float
     train_tokens_per_s: float
     decode_tokens_per_s: float  # batch-1 decode
+    # The share of the CPUs other processes used while the model trained / decoded
+    # (condcomp.machine_load); None where it was not measured.
+    train_other_cpu_share: float | None = None
+    decode_other_cpu_share: float | None = None
     metrics: list[dict] = dataclasses.field(default_factory=list)
     # Mixture-of-Depths runs: a validation text as (token text, blocks it went through).
     token_depths: list[tuple[str, int]] | None = None
@@ -376,10 +383,28 @@ def _table_row(run: RunSummary, best: float | None) -> str:
         human_si(run.flops_per_token),
         loss,
         _fmt_loss(run.bits_per_byte),
-        human_si(run.train_tokens_per_s),
-        human_si(run.decode_tokens_per_s),
+        _throughput(run.train_tokens_per_s, run.train_other_cpu_share),
+        _throughput(run.decode_tokens_per_s, run.decode_other_cpu_share),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _throughput(tokens_per_s: float, other_cpu_share: float | None) -> str:
+    return human_si(tokens_per_s) + (_BUSY_MARK if is_busy(other_cpu_share) else "")
+
+
+def _busy_note(runs: Sequence[RunSummary]) -> list[str]:
+    """The note under the table that explains the mark on throughputs taken on a busy machine,
+    naming each and how busy it was; nothing when none was."""
+    busy = [f"{share:.0%} while {run.name} {what}" for run in runs
+            for what, share in (("trained", run.train_other_cpu_share),
+                                ("decoded", run.decode_other_cpu_share)) if is_busy(share)]
+    if not busy:
+        return []
+    # Escaped: a line that starts with "* " is a list item in markdown.
+    return ["", f"\\{_BUSY_MARK} Measured while other processes used more than "
+            f"{BUSY_SHARE:.0%} of the CPUs ({'; '.join(busy)}): such a throughput understates "
+            "the model's and does not compare with the others; rerun on an idle machine."]
 
 
 def _table(runs: Sequence[RunSummary]) -> list[str]:
@@ -388,7 +413,7 @@ def _table(runs: Sequence[RunSummary]) -> list[str]:
     align = [":---", ":---"] + ["---:"] * (len(_COLUMNS) - 2)
     lines = ["| " + " | ".join(_COLUMNS) + " |", "| " + " | ".join(align) + " |"]
     lines += [_table_row(run, best) for run in runs]
-    return lines
+    return lines + _busy_note(runs)
 
 
 def _how_to_read(device: str) -> list[str]:
@@ -472,6 +497,8 @@ def _summary(suite_name: str, runs: Sequence[RunSummary], device: str) -> dict:
         "suite": suite_name,
         "device": device,
         "train_flops_multiplier": TRAIN_FLOPS_MULTIPLIER,
+        # *_other_cpu_share above this marked the throughput as taken on a busy machine
+        "busy_share": BUSY_SHARE,
         "runs": rows,
     }
 

@@ -28,6 +28,7 @@ from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
 from condcomp.errors import CondcompError, ConfigError, TrainingError
 from condcomp.evaluate import EvalResult, evaluate
+from condcomp.machine_load import LoadMeter
 from condcomp.master_weights import check_param_dtype, master_weights_for
 from condcomp.model import TransformerLM
 from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
@@ -216,6 +217,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     final_eval: EvalResult | None = None
     window_tokens, window_time = 0, 0.0
     tokens_per_s = 0.0
+    # Other processes' share of the CPUs since the last train row, logged beside tokens_per_s so
+    # that a throughput taken on a busy machine says so (condcomp compare marks it).
+    load = LoadMeter()
     model.train()
     try:
         while step < total:
@@ -262,7 +266,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
                 window_tokens, window_time = 0, 0.0
                 row = {"kind": "train", "step": step, "tokens": step * tc.tokens_per_step,
                        "elapsed_s": elapsed, "train_loss": train_loss, "aux_loss": aux_sum.item(),
-                       "lr": lr, "grad_norm": grad_norm_f, "tokens_per_s": tokens_per_s}
+                       "lr": lr, "grad_norm": grad_norm_f, "tokens_per_s": tokens_per_s,
+                       "other_cpu_share": load.lap().other_cpu_share}
                 mfu = model.estimate_mfu(tokens_per_s, tc.seq_len, device)
                 if mfu is not None:
                     row["mfu"] = mfu

@@ -33,10 +33,10 @@ section() { echo; echo "=== $1 ($(date +%T))"; }
 SHAPE=(--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16
        --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000
        --batch-size 16 --seq-len 2048)
-# Issue 4's trained-router decode (section mod-decode): the same width and depth, on the corpus.
+# The trained-router decode goal (section mod-decode): the same width and depth, on the corpus.
 MOD_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=16 --set model.n_heads=16 \
 --set model.d_ff=2816 --set model.max_seq_len=1024"
-# Issue 3's whole-step check (section moe-step): 64k tokens a step, as bench moe.
+# The MoE whole-step check (section moe-step): 64k tokens a step, as bench moe.
 STEP_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=2 --set model.n_heads=16 \
 --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000 --batch-size 32 \
 --seq-len 2048"
@@ -55,7 +55,7 @@ for what in "$@"; do
       section "bench moe, compiled"
       timeout 150 "${cc[@]}" bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
     moe-bf16)
-      # Issue 3's 8 -> 128 experts goal with the weights stored in bf16 (train.param_dtype),
+      # The MoE 8 -> 128 experts goal with the weights stored in bf16 (train.param_dtype),
       # beside the fp32-stored run, so the casts' share is measured, not assumed.
       section "bench moe, 8 to 128 experts, fp32- and bf16-stored weights"
       for pd in float32 bfloat16; do
@@ -82,7 +82,8 @@ for what in "$@"; do
         --device "$DEVICE" --json "$OUT/moe_step.json" ;;
     moe-profile)
       section "MoE profile"
-      timeout 120 "$PY" scripts/profile_moe.py 8:1 64:8 > "$OUT/moe_profile.txt" 2>&1
+      timeout 120 "${cc[@]}" bench moe --device "$DEVICE" --experts 8:1,64:8 --peer none \
+        --profile ${MOE_SHAPE:-} --json "$OUT/moe_profile.json" > "$OUT/moe_profile.txt" 2>&1
       grep -A12 "===" "$OUT/moe_profile.txt" ;;
     decode)
       section "bench decode"
@@ -96,7 +97,7 @@ for what in "$@"; do
       timeout 300 "${cc[@]}" bench models --configs $FAMILIES "${SHAPE[@]}" --steps 10 --warmup 3 \
         --compile --what train --json "$OUT/models_compiled.json" ;;
     altup-wide)
-      # Issue 6: AltUp's extra traffic grows as d_model, the layer's compute as its square
+      # AltUp's step-time goal: its extra traffic grows as d_model, the layer's compute as its square
       # (docs/benchmarks.md, "AltUp's memory traffic, counted"): the compiled step at d_model
       # 2048 tests the estimate that the overhead halves there.
       section "AltUp against dense, compiled, d_model 2048"
@@ -106,7 +107,7 @@ for what in "$@"; do
         --batch-size 8 --seq-len 2048 --steps 10 --warmup 3 --compile --what train \
         --device "$DEVICE" --json "$OUT/altup_wide.json" ;;
     mod-decode)
-      # Issue 4's decode goal needs routers that route what a trained router does (~12.5%); an
+      # The MoD decode goal needs routers that route what a trained router does (~12.5%); an
       # untrained bias-free router routes 0% or 50% (docs/benchmarks.md). So train dense and
       # MoD at one shape on the corpus for MOD_STEPS steps, then decode them side by side.
       section "MoD decode on trained runs"
@@ -122,10 +123,10 @@ for what in "$@"; do
         timeout 300 "${cc[@]}" train --config "$preset" "${train[@]}" \
           --set "out_dir=\"$RUNS/$preset\"" | tail -1
       done
-      timeout 120 "$PY" scripts/decode_side_by_side.py "$RUNS/dense_small" "$RUNS/mod" \
-        --device "$DEVICE" --feed val --tokens 256 --repeats 3 | tee "$OUT/mod_decode.txt" ;;
+      timeout 120 "${cc[@]}" bench runs "$RUNS/dense_small" "$RUNS/mod" --device "$DEVICE" \
+        --feed val --tokens 256 --repeats 3 --json "$OUT/mod_decode.json" | tee "$OUT/mod_decode.txt" ;;
     mot-quality)
-      # Issue 7's quality goal closer to the paper's regime: wider models, batches of 64,
+      # The MoT quality goal closer to the paper's regime: wider models, batches of 64,
       # groups of 8 and of 32 (the mot_gpu suite), trained on the GPU.
       section "MoT against dense, d_model 512, batches of 64"
       timeout 500 "${cc[@]}" compare "${MOT_SUITE:-mot_gpu}" --out "$RUNS/mot_gpu" \

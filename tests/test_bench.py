@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import tiny_model_cfg
 
-from condcomp.bench import add_parser, format_table, run
+from condcomp.bench import add_parser
+from condcomp.bench.hf import format_table, run
 from condcomp.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "condcomp" / "presets"
@@ -62,6 +63,7 @@ def test_bench_against_hf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert result["dtype"] == "float32"
     assert result["config"]["model"]["vocab_size"] == 97
     assert result["command"].startswith("condcomp bench ")
+    assert result["machine_load"]["verdict"] in {"busy", "idle", "unknown"}
     assert "--seq-len 32" in result["command"]
     printed = capsys.readouterr().out
     assert "ours / HF" in printed and "decode tok/s" in printed
@@ -107,6 +109,7 @@ def test_bench_moe_runs_and_compares_with_hf(tmp_path, capsys):
     assert ("HF Mixtral [eager]", "8:2") in layers
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     assert "| condcomp MoE | 8:2 |" in capsys.readouterr().out
+    assert 0 <= result["machine_load"]["other_cpu_share"] <= 1
 
 
 def test_bench_trains_with_bf16_weights_and_fp32_masters(tmp_path):
@@ -126,7 +129,7 @@ def test_bench_trains_with_bf16_weights_and_fp32_masters(tmp_path):
 def test_bench_moe_with_bf16_weights_times_bf16_weights(tmp_path, monkeypatch):
     """``--param-dtype bfloat16``: every layer timed (dense, ours, HF's) stores its matrix
     weights in bf16, as a run with ``train.param_dtype = 'bfloat16'`` does."""
-    from condcomp import bench_moe
+    from condcomp.bench import moe as bench_moe
     from condcomp.cli import main
 
     seen = []
@@ -146,7 +149,7 @@ def test_bench_moe_with_bf16_weights_times_bf16_weights(tmp_path, monkeypatch):
 
 
 def test_count_compiled_bytes_counts_what_the_kernels_read_and_write():
-    from condcomp.compiled_bytes import count_compiled_bytes
+    from condcomp.bench.compiled_bytes import count_compiled_bytes
 
     x = torch.randn(1000)
     with count_compiled_bytes() as count:
@@ -215,6 +218,7 @@ def test_bench_decode_table(tmp_path, capsys):
     mult = 64 + 64 * 64 + 64
     assert rows[2]["params_read"] == dense - 4 * 64 * 64 + 2 * mult + 2 * (9 * 64 * 64 + 64)
     assert "| block | 64 | sparse_ff+qkv |" in capsys.readouterr().out
+    assert "machine_load" in json.loads(out.read_text())
 
 
 def test_bench_models_sets_families_against_the_first(tmp_path, capsys):
@@ -238,10 +242,11 @@ def test_bench_models_sets_families_against_the_first(tmp_path, capsys):
     assert "routed_share" not in models["altup"]["decode"]
     assert all(m["train"]["step_s_median"] > 0 for m in models.values())
     assert "| mod " in capsys.readouterr().out
+    assert "machine_load" in result
 
 
 def test_bench_models_flags_a_decode_routing_share_far_from_the_trained_capacity():
-    from condcomp.bench_models import routing_unlike_training
+    from condcomp.bench.models import routing_unlike_training
     from condcomp.model import TransformerLM
 
     mod = TransformerLM(tiny_model_cfg(n_layers=4, wrapper=dict(
@@ -277,3 +282,41 @@ def test_bench_models_needs_a_baseline_and_one_more(capsys):
 
     assert main(["bench", "models", "--configs", str(CONFIGS / "mod.toml")]) != 0
     assert "at least two presets" in capsys.readouterr().err
+
+
+def test_bench_moe_profiles_each_expert_configuration(tmp_path, capsys):
+    """``--profile``: after each E:k MoE layer is timed, torch.profiler's table of its passes
+    (on the CPU, its operators by their own CPU time), printed and kept in the JSON."""
+    from condcomp.cli import main
+
+    out = tmp_path / "moe.json"
+    assert main(["bench", "moe", "--d-model", "32", "--d-ff", "64", "--tokens", "128",
+                 "--experts", "4:1,8:2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                 "--peer", "none", "--profile", "--json", str(out)]) == 0
+    profiles = json.loads(out.read_text())["profiles"]
+    assert list(profiles) == ["E=4 k=1", "E=8 k=2"]
+    assert all("Self CPU" in table and "aten::" in table for table in profiles.values())
+    printed = capsys.readouterr().out
+    assert "=== E=4 k=1" in printed and "| condcomp MoE | 8:2 |" in printed
+    assert main(["bench", "moe", "--profile", "--count-bytes", "--device", "cpu"]) == 2
+    assert "drop one of them" in capsys.readouterr().err
+
+
+def test_a_busy_machine_is_warned_of_under_the_table_and_recorded(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Every bench command measures other processes' use of the CPUs while it runs; when they
+    were busy, a warning follows the table and the JSON says so."""
+    from condcomp.cli import main
+    from condcomp.machine_load import LoadMeter, MachineLoad
+
+    monkeypatch.setattr(LoadMeter, "lap", lambda self: MachineLoad(0.61, 2, 5.0, "proc_stat"))
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--shapes", "64", "--whole-model", "off", "--tokens", "2",
+                 "--context", "4", "--block-size", "8", "--d-lowrank", "8", "--stack", "1",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    warning = ("warning: other processes used 61% of the 2 CPUs while this ran; the times "
+               "above are not reliable, rerun on an idle machine")
+    assert printed.index("| block | 64 | sparse_ff+qkv |") < printed.index(warning)
+    load = json.loads(out.read_text())["machine_load"]
+    assert (load["other_cpu_share"], load["verdict"]) == (0.61, "busy")

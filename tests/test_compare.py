@@ -1,5 +1,6 @@
 """`condcomp compare`: a tiny suite end to end, and the suite file's error messages."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def test_a_tiny_suite_writes_the_report(tmp_path, capsys):
     assert "## Blocks per token" in report
     for name in ("dense", "switch", "mod"):
         assert read_metrics(out / name)[-1]["tokens"] == 4096
+    # Each throughput carries other processes' share of the CPUs while it was measured.
+    for row in json.loads((out / "summary.json").read_text())["runs"]:
+        assert 0 <= row["train_other_cpu_share"] <= 1 and 0 <= row["decode_other_cpu_share"] <= 1
+    assert all("other_cpu_share" in r for r in read_metrics(out / "dense") if r["kind"] == "train")
     # Running the suite again re-uses the finished runs instead of training them again.
     rows_before = len(read_metrics(out / "dense"))
     assert main(["compare", str(suite), "--out", str(out)]) == 0

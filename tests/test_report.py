@@ -227,3 +227,26 @@ def test_expert_load_heat_map(tmp_path):
     png = (tmp_path / "out" / "expert_load_moe-run.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert not (tmp_path / "out" / "expert_load_dense-run.png").exists()
+
+
+def test_throughputs_measured_on_a_busy_machine_are_marked_and_explained(tmp_path):
+    runs = [_run(tmp_path, "quiet", "dense", train_other_cpu_share=0.02,
+                 decode_other_cpu_share=0.03),
+            _run(tmp_path, "crowded", "dense", train_other_cpu_share=0.61,
+                 decode_other_cpu_share=0.1),
+            _run(tmp_path, "unmeasured", "dense")]
+    md = write_report(tmp_path, "s", runs).read_text()
+    rows = _table_rows(md)
+    assert rows["quiet"][7:] == ["45.6k", "312"]
+    assert rows["crowded"][7:] == ["45.6k*", "312"]  # trained busy, decoded on a quiet machine
+    assert rows["unmeasured"][7:] == ["45.6k", "312"]  # not measured: no mark
+    note = next(line for line in md.splitlines() if line.startswith("\\* Measured while"))
+    assert "more than 25% of the CPUs (61% while crowded trained)" in note
+    assert md.index(note) > md.index("| crowded |") and md.index(note) < md.index("## How to read")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert by_name["crowded"]["train_other_cpu_share"] == 0.61
+    assert by_name["unmeasured"]["decode_other_cpu_share"] is None
+    assert summary["busy_share"] == 0.25
+    quiet_only = write_report(tmp_path / "quiet", "s", runs[:1]).read_text()
+    assert "Measured while" not in quiet_only

@@ -165,7 +165,7 @@ def test_config_errors():
 def test_compiled_sparse_decode_step_equals_eager():
     # `condcomp bench decode --compile` times one fullgraph-compiled step per variant: it must
     # compute what the eager step computes (gathers, the multiplicative layer, the conv history).
-    from condcomp.bench_decode import BlockDecoder, variant_config
+    from condcomp.bench.decode import BlockDecoder, variant_config
 
     torch._dynamo.reset()
     cfg = variant_config(dict(d_model=32, d_ff=64, n_heads=2), "sparse_ff+qkv", 1, 8, 8, 64, 1029)

@@ -5,9 +5,9 @@ This is the measurement behind the step-time goals of the conditional families: 
 Depths against the dense model of the same shape, AltUp K = 2 against the width-d model, Mixture
 of Tokens against the equal-FLOP dense model. Every preset gets the same ``--set`` overrides
 (so one flag resizes them all alike), the same random batches, precision and compile mode, and
-the same measurement as ``condcomp bench`` (:func:`condcomp.bench.bench_train`: the median of
-the timed steps of forward + backward + AdamW; decode: greedy, batch 1, from the first new
-token to the last, the models taking turns).
+the same measurement as ``condcomp bench`` (:mod:`condcomp.bench.lm_timing`: the median of the
+timed steps of forward + backward + AdamW; decode: greedy, batch 1, from the first new token to
+the last, the models taking turns).
 
 Besides the speed-up, the table gives each model's analytic ``flops_per_token`` as a ratio to
 the baseline's, so that the FLOPs a family claims to save can be set against the time it saves.
@@ -16,8 +16,8 @@ share of tokens the routed blocks took while decoding: an untrained router decid
 the tokens in, a trained one about its capacity, and the decode speed follows that share.
 
 ``--count-bytes`` counts instead of timing the training step: the bytes each model's compiled
-forward + backward reads and writes (:mod:`condcomp.compiled_bytes`), per token and against
-the baseline. That measures a family's memory-bound overhead (AltUp's K-times wider residual
+forward + backward reads and writes (:mod:`condcomp.bench.compiled_bytes`), per token and
+against the baseline. That measures a family's memory-bound overhead (AltUp's K-times wider residual
 stream, say) on a machine without a GPU.
 """
 
@@ -32,8 +32,24 @@ from typing import Any
 
 import torch
 
-from condcomp import bench
+from condcomp.bench.common import environment, markdown_table, report, si
+from condcomp.bench.compiled_bytes import count_compiled_bytes
+from condcomp.bench.lm_timing import (
+    Plan,
+    add_measure_options,
+    bench_train,
+    decode_copy,
+    decode_runner_ours,
+    loss_ours,
+    make_batches,
+    make_plan,
+    on_device,
+    time_generations,
+)
 from condcomp.errors import ConfigError
+from condcomp.machine_load import LoadMeter
+from condcomp.master_weights import master_weights_for
+from condcomp.runtime import autocast
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,7 +61,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "baseline, e.g. dense_small,mod")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key in every preset, e.g. --set model.d_model=1024")
-    bench.add_measure_options(p, decode_tokens=64)
+    add_measure_options(p, decode_tokens=64)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step of every model (decode stays eager: "
                    "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
@@ -66,16 +82,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def make_plans(args: argparse.Namespace) -> dict[str, bench.Plan]:
-    """One :class:`condcomp.bench.Plan` per preset, keyed by the preset's name."""
+def make_plans(args: argparse.Namespace) -> dict[str, Plan]:
+    """One :class:`~condcomp.bench.lm_timing.Plan` per preset, keyed by the preset's name."""
     paths = [c.strip() for c in args.configs.split(",") if c.strip()]
     if len(paths) < 2:
         raise ConfigError("--configs needs at least two presets: the baseline first, then the "
                           "models to set against it")
-    plans: dict[str, bench.Plan] = {}
+    plans: dict[str, Plan] = {}
     for path in paths:
-        one = argparse.Namespace(**{**vars(args), "config": path, "peer": "none"})
-        plan = bench.make_plan(one)
+        plan = make_plan(argparse.Namespace(**{**vars(args), "config": path}))
         name = plan.cfg.name or Path(path).stem
         while name in plans:
             name += "'"
@@ -95,14 +110,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--train-routers must not be negative")
     if args.count_bytes and "train" not in next(iter(plans.values())).what:
         raise ConfigError("--count-bytes counts the training step: keep train in --what")
+    meter = LoadMeter()
     result = benchmark(plans, log=print, router_steps=args.train_routers,
                        count_bytes=args.count_bytes)
     result["argv"] = ["condcomp", *sys.argv[1:]]
-    bench.report(result, format_table(result), args.json)
+    report(result, format_table(result), args.json, meter.lap())
     return 0
 
 
-def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0,
+def benchmark(plans: dict[str, Plan], log=print, router_steps: int = 0,
               count_bytes: bool = False) -> dict[str, Any]:
     from condcomp.model import TransformerLM
 
@@ -112,7 +128,7 @@ def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0,
         torch.manual_seed(plan.seed)
         models[name] = TransformerLM(plan.cfg.model)
     result: dict[str, Any] = {
-        "device": bench.environment(base.device), "dtype": base.dtype_name,
+        "device": environment(base.device), "dtype": base.dtype_name,
         "compile": base.compile, "baseline": base_name,
         "shapes": {"batch_size": base.batch_size, "seq_len": base.seq_len,
                    "prompt_len": base.prompt_len, "decode_tokens": base.decode_tokens},
@@ -128,17 +144,17 @@ def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0,
     if "decode" in base.what:
         measure_decode(models, plans, result, log, router_steps)
     if "train" in base.what and count_bytes:
-        x_BT = bench.make_batches(base)[0]
+        x_BT = make_batches(base)[0]
         for name, model in models.items():
             per_token = train_step_bytes(model, x_BT, plans[name]) / x_BT.numel()
             result["models"][name]["train_bytes_per_token"] = per_token
             log(f"train: {name}: the compiled step moves {per_token:,.0f} bytes per token")
     elif "train" in base.what:
-        batches = bench.make_batches(base)  # the same batches for every model
+        batches = make_batches(base)  # the same batches for every model
         for name, model in models.items():
             log(f"train: {name}, batch {base.batch_size} x {base.seq_len}, {base.warmup} warmup "
                 f"+ {base.steps} timed steps")
-            t = bench.bench_train(model, bench.loss_ours, batches, plans[name], model)
+            t = bench_train(model, loss_ours, batches, plans[name], model)
             result["models"][name]["train"] = asdict(t)
             log(f"  {t.tokens_per_s:,.0f} tokens/s, {t.step_s_median * 1e3:.1f} ms/step")
     base_row = result["models"][base_name]
@@ -154,20 +170,17 @@ def benchmark(plans: dict[str, bench.Plan], log=print, router_steps: int = 0,
     return result
 
 
-def train_step_bytes(model: torch.nn.Module, x_BT: torch.Tensor, plan: bench.Plan) -> int:
+def train_step_bytes(model: torch.nn.Module, x_BT: torch.Tensor, plan: Plan) -> int:
     """Bytes the compiled forward + backward of one training step reads and writes, with the
-    weights stored as the run's ``train.param_dtype`` says (:mod:`condcomp.compiled_bytes`;
+    weights stored as the run's ``train.param_dtype`` says (:mod:`condcomp.bench.compiled_bytes`;
     bf16 weights add their gradient hooks' bytes, which no compiled graph holds)."""
-    from condcomp.compiled_bytes import count_compiled_bytes
-    from condcomp.master_weights import master_weights_for
-
-    with bench.on_device(model, plan.device):
+    with on_device(model, plan.device):
         model.train()
         masters = master_weights_for(model, plan.cfg.train.param_dtype)
         try:
             with count_compiled_bytes(masters) as count:
-                with bench.autocast(plan.device, plan.amp_dtype):
-                    loss = bench.loss_ours(torch.compile(model), x_BT.to(plan.device))
+                with autocast(plan.device, plan.amp_dtype):
+                    loss = loss_ours(torch.compile(model), x_BT.to(plan.device))
                 loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
@@ -176,7 +189,7 @@ def train_step_bytes(model: torch.nn.Module, x_BT: torch.Tensor, plan: bench.Pla
     return count.bytes
 
 
-def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Plan],
+def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, Plan],
                    result: dict[str, Any], log, router_steps: int = 0) -> None:
     base = next(iter(plans.values()))
     prompt = torch.randint(0, base.cfg.model.vocab_size, (base.prompt_len,),
@@ -188,9 +201,9 @@ def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Pl
         for name, model in models.items():
             if train_routers(model, eager[name], router_steps):
                 log(f"  {name}: trained its decode routers for {router_steps} steps")
-    runners = {name: bench.decode_runner_ours(model, prompt, eager[name])
+    runners = {name: decode_runner_ours(model, prompt, eager[name])
                for name, model in models.items()}
-    decoded = bench.time_generations(runners, {n: n for n in runners}, base, log)
+    decoded = time_generations(runners, {n: n for n in runners}, base, log)
     for name, d in decoded.items():
         row = result["models"][name]
         row["decode"] = asdict(d)
@@ -204,7 +217,7 @@ def measure_decode(models: dict[str, torch.nn.Module], plans: dict[str, bench.Pl
                 log(f"  {name}: {warning}")
 
 
-def train_routers(model: torch.nn.Module, plan: bench.Plan, steps: int) -> bool:
+def train_routers(model: torch.nn.Module, plan: Plan, steps: int) -> bool:
     """Train only the Mixture-of-Depths routers (and predictors) of ``model``, on random
     sequences, by the routing loss alone: BCE against each sequence's top-k membership (Raposo
     et al. sec. 3.5), which is what teaches the causal decode decision its share. Returns
@@ -222,13 +235,13 @@ def train_routers(model: torch.nn.Module, plan: bench.Plan, steps: int) -> bool:
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(plan.seed + 2)
     try:
-        with bench.on_device(model, plan.device):
+        with on_device(model, plan.device):
             model.train()
             opt = torch.optim.Adam(params, lr=1e-2)
             for _ in range(steps):
                 x_BT = torch.randint(0, plan.cfg.model.vocab_size,
                                      (min(plan.batch_size, 4), plan.seq_len), generator=g)
-                with bench.autocast(plan.device, plan.amp_dtype):
+                with autocast(plan.device, plan.amp_dtype):
                     out = model(x_BT.to(plan.device))
                 # The routing losses alone (there are no targets, so no LM loss).
                 loss = sum(m.aux_loss for m in routers)
@@ -244,19 +257,19 @@ def train_routers(model: torch.nn.Module, plan: bench.Plan, steps: int) -> bool:
     return True
 
 
-def _uncompiled(plan: bench.Plan) -> bench.Plan:
+def _uncompiled(plan: Plan) -> Plan:
     plan = copy.copy(plan)
     plan.compile = False
     return plan
 
 
 @torch.no_grad()
-def decode_routed_share(model: torch.nn.Module, tokens: list[int], plan: bench.Plan
+def decode_routed_share(model: torch.nn.Module, tokens: list[int], plan: Plan
                         ) -> float | None:
     """The share of tokens that routed blocks took, with decode-time (causal, per-token) routing:
     eval mode routes each token alone, so one forward over the generated sequence makes the
     decisions decoding made. ``None`` for a model without data-dependent routing."""
-    m = bench.decode_copy(model, plan)
+    m = decode_copy(model, plan)
     m(torch.tensor([tokens], device=plan.device))
     shares = [float(mod.stats["routed_fraction"]) for mod in m.modules()
               if isinstance(getattr(mod, "stats", None), dict) and "routed_fraction" in mod.stats]
@@ -280,7 +293,7 @@ def routing_unlike_training(model: torch.nn.Module, share: float) -> str | None:
     return (f"its routed blocks took {share:.1%} of the decoded tokens against a trained "
             f"capacity of {capacity:.1%}, so this decode speed is not a trained router's; "
             "time trained runs instead (scripts/gpu_checks.sh mod-decode, "
-            "scripts/decode_side_by_side.py --feed val)")
+            "condcomp bench runs --feed val)")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -297,8 +310,8 @@ def format_table(result: dict[str, Any]) -> str:
             untrained = ", unlike training" if d.get("routing_unlike_training") else ""
             decode += f" ({d['routed_share']:.0%} routed{untrained})"
         rows.append([
-            name, bench._si(m["params"]), bench._si(m["active_params"]),
-            bench._si(m["flops_per_token"]), f"{m['flops_ratio']:.2f}",
+            name, si(m["params"]), si(m["active_params"]),
+            si(m["flops_per_token"]), f"{m['flops_ratio']:.2f}",
             f"{t['tokens_per_s']:,.0f}" if t else "-",
             f"{m['train_speedup']:.2f}x" if t else "-",
             f"{t['mfu']:.1%}" if t and t["mfu"] is not None else "-",
@@ -312,4 +325,4 @@ def format_table(result: dict[str, Any]) -> str:
                f"{shapes['batch_size']} x {shapes['seq_len']}; decode batch 1, eager, "
                f"{shapes['decode_tokens']} tokens after {shapes['prompt_len']}; speed-ups "
                f"against {result['baseline']}")
-    return caption + "\n\n" + bench.markdown_table(head, rows)
+    return caption + "\n\n" + markdown_table(head, rows)

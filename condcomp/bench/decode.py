@@ -15,25 +15,23 @@ its output layer is multiplicative too (``--qkv-output dense`` keeps the dense `
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 from typing import Any
 
 import torch
 
-from condcomp.bench import report
+from condcomp.bench.common import command_line, median_seconds, report, time_in_turns
 from condcomp.conditional.sparse_qkv import OUTPUTS
 from condcomp.config import ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
+from condcomp.machine_load import LoadMeter
 from condcomp.model import TransformerLM
 from condcomp.model.accounting import active_param_count
 from condcomp.runtime import device_name, resolve_device
 
 WARMUP_STEPS = 3  # untimed decode steps per variant
 VARIANTS = ("dense", "sparse_ff", "sparse_qkv", "sparse_ff+qkv")
-# What the paper reports, as quoted in our issue tracker (speed-up over dense): per block at
-# d_model 1024, and for whole models in the abstract (800M and 17B parameters).
+# Speed-ups over dense as the paper reports them: per block at d_model 1024, and for whole
+# models in the abstract (800M and 17B parameters).
 PAPER = {("block", 1024, "sparse_ff"): 1.9, ("block", 1024, "sparse_ff+qkv"): 3.05,
          ("model", 1024, "sparse_ff+qkv"): 2.6, ("model", 4096, "sparse_ff+qkv"): 20.0}
 SHAPES = {1024: dict(d_model=1024, d_ff=4096, n_heads=16), 4096: dict(d_model=4096,
@@ -148,20 +146,8 @@ def maybe_compile(fn, compile: bool, device: torch.device):
 def time_side_by_side(decoders: dict[str, Any], tokens: int, device: torch.device
                       ) -> dict[str, float]:
     """Median seconds per decode step of each decoder; they take turns step by step."""
-    for decoder in decoders.values():  # warm-up
-        for _ in range(WARMUP_STEPS):
-            decoder.step()
-    times: dict[str, list[float]] = {name: [] for name in decoders}
-    for _ in range(tokens):
-        for name, decoder in decoders.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            decoder.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    steppers = {name: decoder.step for name, decoder in decoders.items()}
+    return median_seconds(time_in_turns(steppers, tokens, device, warmup=WARMUP_STEPS))
 
 
 def parse_shapes(text: str) -> list[int]:
@@ -192,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     # a step attends over the whole static cache under a mask, so a cache sized for 1024 more
     # tokens than are ever written would add the same wasted K/V reads to every variant.
     cache_len = args.context + WARMUP_STEPS + args.tokens
+    meter = LoadMeter()
     rows: list[dict[str, Any]] = []
     for d in shapes:
         shape = SHAPES.get(d) or dict(d_model=d, d_ff=4 * d, n_heads=max(1, d // 64))
@@ -217,11 +204,11 @@ def run(args: argparse.Namespace) -> int:
         rows += _rows("model", 1024, time_side_by_side(decoders, args.tokens, device), models)
         del models, decoders, base
     result = {"device": device_name(device), "torch": torch.__version__,
-              "command": " ".join(["condcomp", *sys.argv[1:]]), "block_size": args.block_size,
+              "command": command_line(), "block_size": args.block_size,
               "d_lowrank": args.d_lowrank, "qkv_output": args.qkv_output, "stack": args.stack,
               "context": args.context, "compile": args.compile,
               "rows": rows}
-    report(result, format_table(result), args.json)
+    report(result, format_table(result), args.json, meter.lap())
     return 0
 
 

@@ -9,18 +9,21 @@ permutation cost. Timing is the median of ``--steps`` forward+backward passes (t
 gradient is a fixed random tensor) after ``--warmup`` untimed ones, synchronised on CUDA.
 
 ``--count-bytes`` times nothing: it compiles each layer's forward + backward once and reports
-the memory traffic inductor schedules for it (:mod:`condcomp.compiled_bytes`), per token and as
-a fraction of the dense FFN's, with the grouped-GEMM fast path on the CPU too. That compares
-the memory-bound work around the matrix products (casts, permutations, the combine) on a
-machine without a GPU. With ``--param-dtype bfloat16`` the count adds what the gradient hooks
+the memory traffic inductor schedules for it (:mod:`condcomp.bench.compiled_bytes`), per token
+and as a fraction of the dense FFN's, with the grouped-GEMM fast path on the CPU too. That
+compares the memory-bound work around the matrix products (casts, permutations, the combine) on
+a machine without a GPU. With ``--param-dtype bfloat16`` the count adds what the gradient hooks
 move outside the compiled graph (:meth:`condcomp.master_weights.MasterWeights.hook_bytes`).
+
+``--profile`` adds, for each ``E:k``, torch.profiler's table of where the MoE layer's passes
+spend their time: which kernels (or, on the CPU, which operators) routing, permutation and the
+expert products cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from condcomp.bench import report
-from condcomp.compiled_bytes import count_compiled_bytes
+from condcomp.bench.common import command_line, report, sync
+from condcomp.bench.compiled_bytes import count_compiled_bytes
 from condcomp.errors import ConfigError
 from condcomp.kernels.grouped_gemm import fast_path_on_cpu
 from condcomp.layers import MLP, MoE
+from condcomp.machine_load import LoadMeter
 from condcomp.master_weights import (
     PARAM_DTYPES,
     MasterWeights,
@@ -41,6 +45,8 @@ from condcomp.master_weights import (
     matrix_weights,
 )
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
+
+PROFILED_PASSES = 3  # --profile: passes profiled after the timed ones
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -67,6 +73,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--count-bytes", action="store_true",
                    help="instead of timing, count the bytes each compiled layer's forward + "
                    "backward reads and writes (inductor's schedule; runs on the CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing each E:k MoE layer, print torch.profiler's table of where "
+                   f"{PROFILED_PASSES} more forward + backward passes spend their time (on CUDA "
+                   "its kernels, by device time; on the CPU its operators, by their own CPU "
+                   "time); the JSON keeps the tables")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
     p.add_argument("--hf-impls", default="all",
@@ -99,19 +110,33 @@ def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, 
     times = []
     for i in range(warmup + steps):
         x = x_BTD.detach().requires_grad_(True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         with autocast(device, amp):
             y = layer(x)
         y.backward(grad_BTD.to(y.dtype))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         for p in (*layer.parameters(), *masters):
             p.grad = None  # as the optimizer's zero_grad between steps
     return statistics.median(times)
+
+
+def profile_table(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor,
+                  amp: torch.dtype | None, masters: Sequence[nn.Parameter] = ()) -> str:
+    """torch.profiler's table of :data:`PROFILED_PASSES` forward + backward passes of a warmed-up
+    ``layer``: on CUDA by the kernels' device time (their own rows say which kernels cost
+    what), elsewhere by each operator's own CPU time (a total would put the whole pass first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x_BTD.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        time_fwd_bwd(layer, x_BTD, grad_BTD, PROFILED_PASSES, 0, amp, masters)
+    return prof.key_averages().table(
+        sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=28,
+        max_name_column_width=60)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -123,6 +148,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--steps must be at least 1 (the timed forward + backward steps)")
     if args.warmup < 0:
         raise ConfigError("--warmup must not be negative")
+    if args.profile and args.count_bytes:
+        raise ConfigError("--profile profiles the timed passes and --count-bytes times none; "
+                          "drop one of them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if d_ff % k:
             raise ConfigError(f"--experts {e}:{k}: k must divide d_ff = {d_ff}")
 
+    meter = LoadMeter()
     torch.manual_seed(0)
     seq = 1024 if tokens % 1024 == 0 else tokens
     x = torch.randn(tokens // seq, seq, d_model, device=device)
@@ -156,10 +185,17 @@ def run(args: argparse.Namespace) -> int:
         return master_weights_for(layer, args.param_dtype) \
             if layer_dtype(layer) == torch.float32 else None
 
-    def timed(layer: nn.Module) -> float:
+    profiles: dict[str, str] = {}
+
+    def timed(layer: nn.Module, profile_as: str | None = None) -> float:
         stored = stored_for(layer)
-        return time_fwd_bwd(compile_fn(layer), x, grad, args.steps, args.warmup, amp,
-                            stored.masters if stored is not None else [])
+        masters = stored.masters if stored is not None else []
+        ready = compile_fn(layer)
+        seconds = time_fwd_bwd(ready, x, grad, args.steps, args.warmup, amp, masters)
+        if profile_as is not None:  # warmed up (and compiled) by the timing
+            profiles[profile_as] = profile_table(ready, x, grad, amp, masters)
+            print(f"\n=== {profile_as}\n{profiles[profile_as]}")
+        return seconds
 
     def counted(layer: nn.Module) -> float:
         stored = stored_for(layer)
@@ -177,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense d_ff={d_ff}: {_say(rows[0])}")
     for e, k in configs:
         moe = MoE(d_model, d_ff // k, e, k, normalize_topk=True).to(device)
-        moe_m = measure(moe)
+        moe_m = counted(moe) if args.count_bytes else timed(
+            moe, f"E={e} k={k}" if args.profile else None)
         flops = 3 * moe.flops_per_token()
         rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
         print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
@@ -188,9 +225,11 @@ def run(args: argparse.Namespace) -> int:
               "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
               "param_dtype": str(param_dtype),
               "compile": args.compile or args.count_bytes, "measure":
-              "bytes" if args.count_bytes else "time", "command": " ".join(sys.argv),
+              "bytes" if args.count_bytes else "time", "command": command_line(),
               "rows": rows}
-    report(result, format_table(result), args.json)
+    if profiles:
+        result["profiles"] = profiles
+    report(result, format_table(result), args.json, meter.lap())
     return 0
 
 
