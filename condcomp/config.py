@@ -4,7 +4,7 @@ A config is a TOML file or the name of a built-in preset (``switch``; see
 :mod:`condcomp.presets`).
 
 A run config has three sections, ``[model]``, ``[data]`` and ``[train]``. The model names,
-for each of the four seams of DESIGN.md, the family that fills it and (for per-layer seams)
+for each of the four seams of docs/design.md, the family that fills it and (for per-layer seams)
 on which layers::
 
     [model.ffn]            # the FFN slot

@@ -26,7 +26,7 @@ condcomp                                   HF Llama
 
 The Q/K projections need no permutation: both sides rotate the pairs ``(x_i, x_{i+d/2})``
 (HF's ``convert_llama_weights_to_hf.py`` permutes Meta's interleaved checkpoints *into* this
-layout). Our MLP keeps its weights as ``x @ w`` matrices (DESIGN.md, layer contract) while
+layout). Our MLP keeps its weights as ``x @ w`` matrices (docs/design.md, the layer contract) while
 ``nn.Linear`` stores ``[out, in]``, hence the transposes.
 
 ``transformers`` is an optional dependency (``pip install 'condcomp[bench]'``), imported only

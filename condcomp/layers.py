@@ -1,4 +1,4 @@
-"""The public layers: drop-in modules whose names and weight layouts are API (DESIGN.md).
+"""The public layers: drop-in modules whose names and weight layouts are API (docs/design.md).
 
 Every FFN-slot layer maps ``x[B, T, D]`` to ``[B, T, D]`` and, after each forward, leaves its
 auxiliary loss in ``layer.aux_loss`` (a scalar tensor) and its statistics in ``layer.stats``.

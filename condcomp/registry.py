@@ -1,6 +1,6 @@
 """The family registry: which module fills each of the four seams of a block.
 
-DESIGN.md names four seams where conditional computation plugs into a transformer:
+docs/design.md names four seams where conditional computation plugs into a transformer:
 
 - ``ffn``: the FFN slot, ``x[B,T,D] -> y[B,T,D]`` (dense MLP, MoE, Mixture of Tokens, Sparse FF);
 - ``attention``: the attention projections (dense or Sparse QKV);

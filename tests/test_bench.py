@@ -1,7 +1,7 @@
 """Tests of ``condcomp bench`` (condcomp.bench): a tiny model on the CPU, a few steps.
 
 These check that the command runs and reports every figure, not how fast anything is:
-benchmarks are commands that print figures, not timed tests (DESIGN.md).
+benchmarks are commands that print figures, not timed tests (docs/design.md).
 """
 
 from __future__ import annotations

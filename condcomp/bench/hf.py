@@ -2,7 +2,7 @@
 
 Two measurements (:mod:`condcomp.bench.lm_timing`: the train step and batch-1 greedy decode),
 each taken side by side in one process, on the same shapes, in the same precision, so that the
-ratios mean something (DESIGN.md, "Conventions"). Our decode is
+ratios mean something (docs/design.md, "Conventions"). Our decode is
 :func:`condcomp.generate.generate`, HF's is its ``generate``; the models take turns.
 
 The peer is HF ``LlamaForCausalLM`` holding the *same weights* (:func:`condcomp.hf.to_hf_llama`),

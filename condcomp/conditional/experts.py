@@ -1,6 +1,6 @@
 """The experts of an MoE layer: E feed-forward networks with stacked weights.
 
-Layout (DESIGN.md, the public contract): ``w1`` ``[E, D, H]`` (the gate for SwiGLU),
+Layout (docs/design.md, the layer contract): ``w1`` ``[E, D, H]`` (the gate for SwiGLU),
 ``w2`` ``[E, H, D]``, and for gated activations ``w3`` ``[E, D, H]`` (the up projection):
 ``y_e = (act(x @ w1[e]) * (x @ w3[e])) @ w2[e]``.
 

@@ -1,6 +1,6 @@
 """Causal self-attention, with the attention-projection seam and an optional KV cache.
 
-The Q/K/V projections are the seam (DESIGN.md, seam 2): a registered family maps
+The Q/K/V projections are the seam (docs/design.md, "The four seams"): a registered family maps
 ``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``,
 and builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
 bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al.

@@ -1,6 +1,6 @@
 """The dense FFN slot: ``MLP`` with the weight layout of the public layer contract.
 
-Weights (DESIGN.md, "Contract for the layers"): ``w1`` ``[D, H]``, ``w2`` ``[H, D]`` and, for
+Weights (docs/design.md, "The layer contract"): ``w1`` ``[D, H]``, ``w2`` ``[H, D]`` and, for
 gated activations, ``w3`` ``[D, H]``; ``w1`` is the gate and ``w3`` the up projection:
 ``y = (act(x @ w1) * (x @ w3)) @ w2`` (SwiGLU, Shazeer 2020), or ``y = act(x @ w1) @ w2``.
 """

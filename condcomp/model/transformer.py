@@ -33,8 +33,9 @@ class LMOutput:
     """What the model's forward returns.
 
     ``loss`` is the mean next-token cross-entropy (``None`` without targets); ``aux_loss`` the
-    sum of every layer's auxiliary loss; ``stats`` each layer's routing statistics, keyed
-    ``"layer{i}.{seam}.{name}"``.
+    sum of every layer's auxiliary loss; ``stats`` each layer's routing statistics, keyed by the
+    module's path and the statistic's name (``"layers.1.block.ffn.tokens_per_expert"``,
+    ``"layers.1.routed_fraction"``).
     """
 
     logits: torch.Tensor
