@@ -14,6 +14,7 @@ block, the model or the train loop: they look the family up here by the config's
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,12 +80,33 @@ def register(family: Family) -> Family:
     return family
 
 
+# Families from other installed packages: a package declares, in its pyproject.toml,
+#   [project.entry-points."condcomp.families"]
+#   my_family = "my_package.my_family"      # a module that calls register() on import
+# and every condcomp entry point (train, eval, generate, compare, Python) finds the family,
+# including when it rebuilds a model from a run's config.json.
+PLUGIN_GROUP = "condcomp.families"
+
+
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
         for module in BUILTIN_FAMILY_MODULES:
             importlib.import_module(module)
+        _load_plugins()
+
+
+def _load_plugins() -> None:
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        package = entry.dist.name if entry.dist is not None else "an installed package"
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must say which one it is, and not hide
+            raise ConfigError(
+                f"the condcomp family plugin {entry.name!r} ({entry.value}, from {package}) "
+                f"failed to import: {type(exc).__name__}: {exc}; fix or uninstall {package}"
+            ) from exc
 
 
 def families(seam: str) -> dict[str, Family]:
