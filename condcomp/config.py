@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from condcomp import registry, tables
+from condcomp.devices import check_device_name
 from condcomp.errors import ConfigError
 from condcomp.presets import find_preset
+from condcomp.ranges import MAX_COUNT, MAX_SEED, MAX_SIZE, MIN_SEED, ranged
 
 # Re-exported: users and family modules import the seam types from here.
 from condcomp.seams import SEAM_DEFAULTS as SEAM_DEFAULTS
@@ -52,19 +54,23 @@ def _default_seam(seam: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0: as many as n_heads (no grouped-query attention)
-    d_ff: int = 0  # 0: 4 * d_model, or 8/3 * d_model rounded to 64 for swiglu
+    vocab_size: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: taken from the tokenizer at the start
+    d_model: int = ranged(256, gt=0, le=MAX_SIZE)
+    n_layers: int = ranged(4, gt=0, le=MAX_SIZE)
+    n_heads: int = ranged(4, gt=0, le=MAX_SIZE)
+    n_kv_heads: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: as many as n_heads (no grouped-query)
+    d_ff: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: 4 * d_model, or 8/3 * d_model for swiglu
     activation: str = "swiglu"
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = ranged(256, gt=0, le=MAX_SIZE)
+    # Below 1 the rotation frequencies would rise with the channel instead of falling.
+    rope_theta: float = ranged(10000.0, ge=1.0)
+    # At least 1e-30: a float32 eps below its normal range is flushed to zero, and a zero
+    # input would then be divided by zero.
+    norm_eps: float = ranged(1e-5, ge=1e-30)
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = ranged(0.0, ge=0.0, lt=1.0)
+    # The weights' standard deviation (GPT-2: 0.02); far above 1 the activations overflow.
+    init_std: float = ranged(0.02, gt=0.0, le=1.0)
     ffn: SeamConfig = _default_seam("ffn")
     attention: SeamConfig = _default_seam("attention")
     wrapper: SeamConfig = _default_seam("wrapper")
@@ -92,8 +98,7 @@ class ModelConfig:
                 "residual": self.residual}
 
     def validate(self) -> None:
-        _positive(self, "model", ["d_model", "n_layers", "n_heads", "max_seq_len"])
-        _non_negative(self, "model", ["vocab_size", "n_kv_heads", "d_ff"])
+        tables.check_fields(self, "model")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.n_heads = {self.n_heads} does not divide model.d_model = {self.d_model}; "
@@ -113,10 +118,6 @@ class ModelConfig:
             raise ConfigError(
                 f"model.activation = {self.activation!r} is unknown; use one of {list(ACTIVATIONS)}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout = {self.dropout} must be in [0, 1)")
-        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
-            raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
         for seam_name, seam in self.seams().items():
             registry.validate_seam(seam_name, seam, self)
 
@@ -125,56 +126,58 @@ class ModelConfig:
 class DataConfig:
     corpus: str = "shakespeare"  # "shakespeare", or a path: text file, directory, .jsonl, .parquet, .tar.gz/.tar.xz
     tokenizer: str = "byte"  # "byte" (no training) or "bpe" (HF tokenizers, trained on the train split)
-    vocab_size: int = 4096  # BPE only
-    val_fraction: float = 0.05
+    vocab_size: int = ranged(4096, gt=0, le=MAX_SIZE)  # BPE only
+    val_fraction: float = ranged(0.05, gt=0.0, lt=0.5)
     text_field: str = "text"  # the field that holds the text in .jsonl / .parquet
     cache_dir: str = ".cache/condcomp"  # packed token shards, keyed by content hash
 
     def validate(self) -> None:
+        tables.check_fields(self, "data")
         if self.tokenizer not in ("byte", "bpe"):
             raise ConfigError(f"data.tokenizer = {self.tokenizer!r} is unknown; use 'byte' or 'bpe'")
-        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 2**31 - 1:
+        if self.tokenizer == "bpe" and self.vocab_size < 260:
             raise ConfigError(
                 f"data.vocab_size = {self.vocab_size} is too small for BPE; use at least 260 "
                 "(256 bytes plus special tokens)"
             )
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in (0, 0.5)")
         if not self.corpus:
             raise ConfigError("data.corpus is empty; name 'shakespeare' or a path to your text data")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256
-    max_steps: int = 1000
-    max_tokens: int = 0  # >0: overrides max_steps with ceil(max_tokens / tokens per step)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 200
-    eval_tokens: int = 131072  # validation tokens per periodic evaluation
-    ckpt_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
+    batch_size: int = ranged(16, gt=0, le=MAX_SIZE)  # sequences per micro-batch
+    grad_accum: int = ranged(1, gt=0, le=MAX_SIZE)  # micro-batches per optimizer step
+    seq_len: int = ranged(256, gt=0, le=MAX_SIZE)
+    max_steps: int = ranged(1000, ge=0, le=MAX_COUNT)
+    # >0: overrides max_steps with ceil(max_tokens / tokens per step)
+    max_tokens: int = ranged(0, ge=0, le=MAX_COUNT)
+    # No upper bound: a rate too high for the model diverges, and the run stops on
+    # train.max_nonfinite non-finite steps with a message.
+    lr: float = ranged(3e-3, gt=0.0)
+    min_lr_ratio: float = ranged(0.1, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = ranged(100, ge=0, le=MAX_COUNT)
+    weight_decay: float = ranged(0.1, ge=0.0)
+    beta1: float = ranged(0.9, ge=0.0, lt=1.0)
+    beta2: float = ranged(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = ranged(1.0, ge=0.0)  # 0 disables clipping
+    eval_every: int = ranged(200, gt=0, le=MAX_COUNT)
+    # validation tokens per periodic evaluation
+    eval_tokens: int = ranged(131072, gt=0, le=MAX_COUNT)
+    ckpt_every: int = ranged(500, gt=0, le=MAX_COUNT)
+    keep_last: int = ranged(2, gt=0, le=MAX_COUNT)
+    log_every: int = ranged(10, gt=0, le=MAX_COUNT)
+    seed: int = ranged(0, ge=MIN_SEED, le=MAX_SEED)  # torch.manual_seed's range
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     # float32 | bfloat16: how matrix weights are stored between steps; bfloat16 keeps fp32
     # master weights in the optimizer and needs bf16 autocast (condcomp.master_weights)
     param_dtype: str = "float32"
     compile: bool = False
-    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    # stop after this many non-finite steps in a row
+    max_nonfinite: int = ranged(5, gt=0, le=MAX_COUNT)
     progress: bool = True
     init_from: str = ""  # a run directory or checkpoint whose weights start a new run
-
-
 
     @property
     def tokens_per_step(self) -> int:
@@ -187,19 +190,9 @@ class TrainConfig:
         return self.max_steps
 
     def validate(self) -> None:
-        _positive(self, "train", ["batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens",
-                                   "ckpt_every", "keep_last", "log_every", "max_nonfinite"])
-        _non_negative(self, "train", ["max_steps", "max_tokens", "warmup_steps", "weight_decay",
-                                       "grad_clip"])
+        tables.check_fields(self, "train")
         if self.total_steps <= 0:
             raise ConfigError("train.max_steps (or train.max_tokens) must be positive")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr = {self.lr} must be positive")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"train.{key} = {getattr(self, key)} must be in [0, 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(
                 f"train.dtype = {self.dtype!r} is unknown; use 'auto', 'float32' or 'bfloat16'"
@@ -211,10 +204,7 @@ class TrainConfig:
             raise ConfigError("train.param_dtype = 'bfloat16' stores the weights that bf16 "
                               "autocast would cast; with train.dtype = 'float32' nothing is "
                               "cast. Set train.dtype = 'bfloat16' (or 'auto' on CUDA)")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(
-                f"train.device = {self.device!r} is unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-            )
+        check_device_name(self.device, "train.device")
 
 
 @dataclass
@@ -230,6 +220,7 @@ class RunConfig:
         return Path(self.out_dir or f"runs/{self.name}")
 
     def validate(self) -> RunConfig:
+        tables.check_fields(self, "")
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -315,16 +306,3 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     return tables.build(RunConfig, raw, "")
 
-
-def _positive(obj: Any, section: str, names: list[str]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{section}.{name} = {value} must be positive")
-
-
-def _non_negative(obj: Any, section: str, names: list[str]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0:
-            raise ConfigError(f"{section}.{name} = {value} must not be negative")

@@ -6,16 +6,21 @@ import contextlib
 
 import torch
 
+from condcomp.devices import check_device_name
 from condcomp.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    check_device_name(name, "device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use "
                           "'auto' or 'cpu'")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
+                          f"GPUs, numbered from 0; use 'cuda' or 'cuda:0'")
     return device
 
 

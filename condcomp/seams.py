@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from condcomp import tables
 from condcomp.errors import ConfigError
 
-LayerSelection = str | list  # "all" | "even" | "odd" | "none" | [layer indices]
+LayerSelection = str | list[int]  # "all" | "even" | "odd" | "none" | [layer indices]
 
 # The family each seam gets when the config names none: the plain dense transformer.
 SEAM_DEFAULTS = {"ffn": "mlp", "attention": "dense", "wrapper": "full", "residual": "plain"}
@@ -42,8 +43,8 @@ class SeamConfig:
         kind = raw.pop("kind", SEAM_DEFAULTS.get(prefix.split(".")[-1], ""))
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"{prefix}.kind must name a family, got {kind!r}")
-        layers = raw.pop("layers", "all")
-        options = raw.pop("options", {})
+        layers = tables.coerce(LayerSelection, raw.pop("layers", "all"), f"{prefix}.layers")
+        options = dict(tables.coerce(dict, raw.pop("options", {}), f"{prefix}.options"))
         options.update(raw)
         return cls(kind=kind, layers=layers, options=options)
 
@@ -64,7 +65,8 @@ def select_layers(selection: LayerSelection, n_layers: int, key: str) -> set[int
             )
         return named[selection]
     if isinstance(selection, (list, tuple)):
-        bad = [i for i in selection if not isinstance(i, int) or not 0 <= i < n_layers]
+        bad = [i for i in selection
+               if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
         if bad:
             raise ConfigError(
                 f"{key} names layers {bad} that do not exist; the model has layers 0..{n_layers - 1}"

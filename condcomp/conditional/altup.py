@@ -31,6 +31,7 @@ from torch import nn
 from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.ranges import ranged
 
 SELECTIONS = ("alternating", "same")
 COEFFICIENTS = ("static", "dynamic")
@@ -147,11 +148,14 @@ def check_altup(k: int, selection: str, coefficients: str, clip: float,
 class AltUpOptions:
     """``[model.residual]`` keys of ``kind = "altup"``."""
 
-    k: int = 2
+    # The stream is k * d_model wide; the paper's k is 2 to 4.
+    k: int = ranged(2, ge=1, le=64)
     recycled: bool = False  # Recycled-AltUp: no widened embedding
     selection: str = "alternating"  # alternating | same
     coefficients: str = "static"  # static | dynamic (Gemma 3n)
-    clip: float = 10.0  # dynamic coefficients are clipped to [-clip, clip]
+    # Dynamic coefficients are clipped to [-clip, clip]; from 1e6 on nothing is clipped, and
+    # far beyond it the bound overflows float32.
+    clip: float = ranged(10.0, gt=0.0, le=1e6)
 
     def validate(self, cfg: ModelConfig) -> None:
         check_altup(self.k, self.selection, self.coefficients, self.clip, "model.residual")

@@ -41,6 +41,7 @@ from condcomp.errors import ConfigError
 from condcomp.model.accounting import active_param_count
 from condcomp.model.block import Block
 from condcomp.model.rope import Positions
+from condcomp.ranges import MAX_LOSS_WEIGHT, MAX_SIZE, ranged
 
 DECODE_ROUTERS = ("aux_loss", "predictor")
 ROUTER_WEIGHTS = ("logit", "sigmoid")
@@ -220,17 +221,16 @@ class MoDOptions:
     """``[model.wrapper]`` keys of ``kind = "mod"`` (use ``layers = "odd"`` for the paper's
     every-other-block layout)."""
 
-    capacity: float = 0.125
+    capacity: float = ranged(0.125, gt=0.0, le=1.0)
     decode_router: str = "aux_loss"  # aux_loss | predictor
-    aux_loss_coef: float = 1e-2  # weight of the BCE on the router logits (aux_loss mode)
-    predictor_hidden: int = 0  # 0: d_model / 8
+    # weight of the BCE on the router logits (aux_loss mode)
+    aux_loss_coef: float = ranged(1e-2, ge=0.0, le=MAX_LOSS_WEIGHT)
+    predictor_hidden: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: d_model / 8
     router_weight: str = "logit"  # logit (eq. 1) | sigmoid: what scales the block's update
 
     def validate(self, cfg: ModelConfig) -> None:
         check_mod_options(self.capacity, self.decode_router, self.aux_loss_coef,
                           self.router_weight, "model.wrapper")
-        if self.predictor_hidden < 0:
-            raise ConfigError("model.wrapper.predictor_hidden must not be negative")
 
 
 def _build(options: MoDOptions, cfg: ModelConfig, layer_idx: int | None) -> MixtureOfDepths:

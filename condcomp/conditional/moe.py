@@ -39,6 +39,7 @@ from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 from condcomp.kernels.permute import weighted_sum
 from condcomp.model.mlp import MLP
+from condcomp.ranges import MAX_LOSS_WEIGHT, MAX_SIZE, ranged
 
 ROUTINGS = ("token_choice", "expert_choice")
 # Up to this many routed slots in eval mode, gather the chosen experts' weights (gpt-fast)
@@ -296,24 +297,33 @@ def check_moe_shape(num_experts: int, top_k: int, routing_mode: str,
 class MoEOptions:
     """``[model.ffn]`` keys of ``kind = "moe"``."""
 
-    num_experts: int = 8
-    top_k: int = 1
-    d_expert: int = 0  # 0: model.d_ff (each expert as wide as the dense FFN, as in Switch)
+    num_experts: int = ranged(8, gt=0, le=MAX_SIZE)
+    top_k: int = ranged(1, gt=0, le=MAX_SIZE)
+    # 0: model.d_ff (each expert as wide as the dense FFN, as in Switch)
+    d_expert: int = ranged(0, ge=0, le=MAX_SIZE)
     routing: str = "token_choice"  # token_choice | expert_choice
     normalize_topk: bool = False
-    capacity_factor: float | None = None  # None (or 0, for TOML and --set): dropless
+    # None (or 0, for TOML and --set): dropless. From num_experts on, no token is dropped.
+    capacity_factor: float | None = ranged(None, ge=0.0, le=MAX_SIZE)
     no_token_left_behind: bool = False
-    granularity: int = 0  # >0: fine-grained sugar (see below)
-    expansion: int = 0  # with granularity: num_experts = expansion * granularity
-    num_shared_experts: int = 0
-    d_shared: int = 0  # width of each shared expert; 0: d_expert
-    load_balance_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
-    bias_update_rate: float = 0.0  # >0: aux-loss-free balancing (DeepSeek-V3 uses 1e-3)
-    router_init_scale: float = 0.1
-    expert_dropout: float = 0.0
-    router_jitter: float = 0.0
-    num_noop_experts: int = 0  # integrated MoDE: experts that do nothing (skip the layer)
+    granularity: int = ranged(0, ge=0, le=MAX_SIZE)  # >0: fine-grained sugar (see below)
+    # with granularity: num_experts = expansion * granularity
+    expansion: int = ranged(0, ge=0, le=MAX_SIZE)
+    num_shared_experts: int = ranged(0, ge=0, le=MAX_SIZE)
+    d_shared: int = ranged(0, ge=0, le=MAX_SIZE)  # width of each shared expert; 0: d_expert
+    load_balance_coef: float = ranged(1e-2, ge=0.0, le=MAX_LOSS_WEIGHT)
+    z_loss_coef: float = ranged(1e-3, ge=0.0, le=MAX_LOSS_WEIGHT)
+    # >0: aux-loss-free balancing (DeepSeek-V3 uses 1e-3). The bias moves the router's
+    # probabilities, in [0, 1]: a larger step only flips the choice back and forth.
+    bias_update_rate: float = ranged(0.0, ge=0.0, le=1.0)
+    # The router's init std is sqrt(scale / d_model); the switch preset uses 10. Below 1e-30
+    # the std underflows to zero, which a truncated normal cannot take.
+    router_init_scale: float = ranged(0.1, ge=1e-30, le=1e3)
+    expert_dropout: float = ranged(0.0, ge=0.0, lt=1.0)
+    # Router-input noise U(1 - eps, 1 + eps); beyond 1 it would flip the input's sign.
+    router_jitter: float = ranged(0.0, ge=0.0, le=1.0)
+    # integrated MoDE: experts that do nothing (skip the layer)
+    num_noop_experts: int = ranged(0, ge=0, le=MAX_SIZE)
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
@@ -332,8 +342,6 @@ class MoEOptions:
             top_k=opts.top_k * G, granularity=0, expansion=0)
 
     def validate(self, cfg: ModelConfig) -> None:
-        if self.granularity < 0 or self.expansion < 0:
-            raise ConfigError("model.ffn.granularity and model.ffn.expansion must not be negative")
         if self.granularity > 0:
             if self.expansion < 1:
                 raise ConfigError("model.ffn.granularity needs model.ffn.expansion (total experts "
@@ -341,20 +349,20 @@ class MoEOptions:
             if cfg.ffn_hidden % self.granularity:
                 raise ConfigError(f"model.ffn.granularity = {self.granularity} does not divide "
                                   f"model.d_ff = {cfg.ffn_hidden}")
+            if self.expansion * self.granularity > MAX_SIZE:
+                raise ConfigError(f"model.ffn.expansion * model.ffn.granularity = "
+                                  f"{self.expansion * self.granularity} experts is more than "
+                                  f"{MAX_SIZE}; lower one of them")
         opts = self.resolved(cfg)
         check_moe_shape(opts.num_experts, opts.top_k, opts.routing, opts.capacity_factor,
                         "model.ffn")
-        for key in ("d_expert", "num_shared_experts", "d_shared", "load_balance_coef",
-                    "z_loss_coef", "bias_update_rate", "router_jitter", "num_noop_experts"):
-            if getattr(opts, key) < 0:
-                raise ConfigError(f"model.ffn.{key} = {getattr(opts, key)} must not be negative")
+        shared = opts.num_shared_experts * (opts.d_shared or opts.d_expert or cfg.ffn_hidden)
+        if shared > MAX_SIZE:
+            raise ConfigError(f"model.ffn.num_shared_experts * width = {shared} makes a shared "
+                              f"MLP wider than {MAX_SIZE}; lower num_shared_experts or d_shared")
         if opts.num_noop_experts and (opts.routing != "token_choice" or opts.no_token_left_behind):
             raise ConfigError("model.ffn.num_noop_experts (integrated MoDE) needs token-choice "
                               "routing without no_token_left_behind")
-        if not 0 <= opts.expert_dropout < 1:
-            raise ConfigError(f"model.ffn.expert_dropout = {opts.expert_dropout} must be in [0, 1)")
-        if opts.router_init_scale <= 0:
-            raise ConfigError("model.ffn.router_init_scale must be positive")
 
 
 def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:

@@ -49,6 +49,7 @@ from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 from condcomp.kernels.permute import weighted_sum
 from condcomp.model.mlp import MLP
+from condcomp.ranges import MAX_COUNT, MAX_SIZE, ranged
 
 ROUTINGS = ("continuous", "token_choice")
 EXPERT_SIZES = ("split", "flop_matched")
@@ -188,15 +189,20 @@ def check_mot(num_experts: int, group_size: int, routing: str, temperature: floa
 class MoTOptions:
     """``[model.ffn]`` keys of ``kind = "mot"``."""
 
-    num_experts: int = 8
-    group_size: int = 8  # sequences mixed per group (train.batch_size should be a multiple)
+    num_experts: int = ranged(8, gt=0, le=MAX_SIZE)
+    # sequences mixed per group (train.batch_size should be a multiple)
+    group_size: int = ranged(8, gt=0, le=MAX_SIZE)
     expert_size: str = "split"  # split: d_ff / E;  flop_matched: d_ff * group_size / E
-    d_expert: int = 0  # > 0 overrides expert_size
+    d_expert: int = ranged(0, ge=0, le=MAX_SIZE)  # > 0 overrides expert_size
     routing: str = "continuous"  # continuous | token_choice (the transition to sparse)
-    d_shared: int = 0  # > 0: a dense shared expert of this width beside the mixture
-    temperature: float = 1.0
-    temperature_final: float | None = None  # anneal to this over anneal_steps
-    anneal_steps: int = 0
+    # > 0: a dense shared expert of this width beside the mixture
+    d_shared: int = ranged(0, ge=0, le=MAX_SIZE)
+    # At 1e-6 the group weights are one-hot already, and at 1e6 uniform; far beyond either,
+    # logits / temperature or the annealed temperature overflow float32.
+    temperature: float = ranged(1.0, ge=1e-6, le=1e6)
+    # anneal to this over anneal_steps
+    temperature_final: float | None = ranged(None, ge=1e-6, le=1e6)
+    anneal_steps: int = ranged(0, ge=0, le=MAX_COUNT)
 
     def expert_width(self, cfg: ModelConfig) -> int:
         if self.d_expert:
@@ -214,15 +220,10 @@ class MoTOptions:
         if self.expert_size not in EXPERT_SIZES:
             raise ConfigError(f"model.ffn.expert_size = {self.expert_size!r} is unknown; use "
                               f"one of {EXPERT_SIZES}")
-        if self.anneal_steps < 0 or self.d_expert < 0 or self.d_shared < 0:
-            raise ConfigError("model.ffn.anneal_steps, model.ffn.d_expert and "
-                              "model.ffn.d_shared must not be negative")
         if not self.d_expert and self.d_shared >= cfg.ffn_hidden:
             raise ConfigError(f"model.ffn.d_shared = {self.d_shared} leaves no FFN width for "
                               f"the experts (the FFN is {cfg.ffn_hidden} wide); make it "
                               "smaller, or give model.ffn.d_expert")
-        if self.temperature_final is not None and self.temperature_final <= 0:
-            raise ConfigError("model.ffn.temperature_final must be positive")
 
 
 def _build(options: MoTOptions, cfg: ModelConfig, layer_idx: int | None) -> MixtureOfTokens:

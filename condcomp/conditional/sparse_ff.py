@@ -33,6 +33,7 @@ from torch import nn
 from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.ranges import MAX_SIZE, ranged
 
 # Up to this many tokens in eval mode, gather the chosen rows instead of the dense product.
 GATHER_MAX_TOKENS = 16
@@ -179,11 +180,12 @@ def check_sparse_ff(d_ff: int, block_size: int, d_lowrank: int, temperature: flo
 class SparseFFOptions:
     """``[model.ffn]`` keys of ``kind = "sparse_ff"`` (defaults: the paper's / Trax's)."""
 
-    d_ff: int = 0  # 0: model.d_ff
-    block_size: int = 32  # N: units per block, one of them active
-    d_lowrank: int = 64
-    temperature: float = 0.1  # scale of the Gumbel noise in training
-    quantized_share: float = 0.3  # share of training batches with the one-hot mask
+    d_ff: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: model.d_ff
+    block_size: int = ranged(32, ge=2, le=MAX_SIZE)  # N: units per block, one of them active
+    d_lowrank: int = ranged(64, gt=0, le=MAX_SIZE)
+    temperature: float = ranged(0.1, ge=0.0)  # scale of the Gumbel noise in training
+    # share of training batches with the one-hot mask
+    quantized_share: float = ranged(0.3, ge=0.0, le=1.0)
 
     def validate(self, cfg: ModelConfig) -> None:
         check_sparse_ff(self.d_ff or cfg.ffn_hidden, self.block_size, self.d_lowrank,

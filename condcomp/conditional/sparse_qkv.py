@@ -43,6 +43,7 @@ from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 from condcomp.model.rope import Positions
+from condcomp.ranges import MAX_SIZE, ranged
 
 OUTPUTS = ("dense", "multiplicative", "none")
 
@@ -220,8 +221,8 @@ def check_output(output: str, d_model: int, d_heads: int, n_heads: int,
 class SparseQKVOptions:
     """``[model.attention]`` keys of ``kind = "sparse_qkv"``."""
 
-    length_kernel: int = 3  # causal taps over the sequence (Q and K)
-    module_kernel: int = 3  # taps over neighbouring modules (heads)
+    length_kernel: int = ranged(3, gt=0, le=MAX_SIZE)  # causal taps over the sequence (Q and K)
+    module_kernel: int = ranged(3, gt=0, le=MAX_SIZE)  # taps over neighbouring modules (heads)
     output: str = "dense"  # the output layer: dense | multiplicative | none
 
     def validate(self, cfg: ModelConfig) -> None:
@@ -233,9 +234,19 @@ class SparseQKVOptions:
         if cfg.wrapper.kind != "full":
             raise ConfigError("model.attention.kind = 'sparse_qkv' convolves over consecutive "
                               f"tokens, which a '{cfg.wrapper.kind}' wrapper does not keep")
-        if self.length_kernel < 1 or self.module_kernel < 1 or self.module_kernel % 2 != 1:
-            raise ConfigError("model.attention.length_kernel must be positive and "
-                              "model.attention.module_kernel positive and odd")
+        if self.module_kernel % 2 != 1:
+            raise ConfigError(f"model.attention.module_kernel = {self.module_kernel} must be odd: "
+                              "the window is centred on each module (head)")
+        # Wider windows reach only padding, and the convolution's weights and inputs grow
+        # with the window.
+        if self.module_kernel > 2 * cfg.n_heads + 1:
+            raise ConfigError(f"model.attention.module_kernel = {self.module_kernel} is wider "
+                              f"than 2 * n_heads + 1 = {2 * cfg.n_heads + 1}, which already "
+                              "reaches every head from every head; lower it")
+        if self.length_kernel > cfg.max_seq_len:
+            raise ConfigError(f"model.attention.length_kernel = {self.length_kernel} is longer "
+                              f"than model.max_seq_len = {cfg.max_seq_len}, the longest "
+                              "context it can look back over; lower it")
 
 
 def _build(options: SparseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> SparseQKV:

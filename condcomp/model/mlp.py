@@ -16,6 +16,7 @@ from torch import nn
 from condcomp import registry
 from condcomp.config import ACTIVATIONS, ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.ranges import MAX_SIZE, ranged
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
 
@@ -72,11 +73,7 @@ class MLP(nn.Module):
 class MLPOptions:
     """The dense FFN takes its width and activation from ``model.d_ff`` / ``model.activation``."""
 
-    d_ff: int = 0  # 0: model.d_ff
-
-    def validate(self, model_cfg: ModelConfig) -> None:
-        if self.d_ff < 0:
-            raise ConfigError(f"model.ffn.d_ff = {self.d_ff} must not be negative")
+    d_ff: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: model.d_ff
 
 
 def _build(options: MLPOptions, cfg: ModelConfig, layer_idx: int | None) -> MLP:
