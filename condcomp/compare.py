@@ -32,11 +32,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from condcomp import registry
+from condcomp import registry, tables
 from condcomp.checkpoint import list_checkpoints
 from condcomp.conditional.mod import MixtureOfDepths, blocks_per_token
 from condcomp.config import apply_override, deep_merge, from_dict, read_toml
@@ -45,10 +45,42 @@ from condcomp.errors import ConfigError
 from condcomp.generate import decode_tokens_per_s
 from condcomp.machine_load import LoadMeter, mean_share
 from condcomp.presets import find_preset, find_suite
+from condcomp.ranges import MAX_COUNT, MAX_SIZE, ranged
 from condcomp.report import RunSummary, write_report
 from condcomp.runs import LoadedRun, load_run, read_metrics
 from condcomp.runtime import device_name, resolve_device
 from condcomp.train import train
+
+
+@dataclass
+class SuiteHead:
+    """The suite file's ``[suite]`` table."""
+
+    name: str = ""  # "": the file's name
+    base: str = ""  # the preset every model starts from ("": the defaults)
+    budget_tokens: int | None = ranged(None, gt=0, le=MAX_COUNT)  # training tokens per model
+    decode_tokens: int = ranged(64, gt=0, le=MAX_SIZE)  # batch-1 decode tokens timed per model
+
+
+@dataclass
+class SuiteEntry:
+    """One ``[[models]]`` entry of a suite file."""
+
+    UNKNOWN_KEY_HINT: ClassVar[str] = "put config keys under config = { ... }"
+
+    name: str = ""
+    preset: str = ""  # "": the suite's base
+    config: dict[str, Any] = field(default_factory=dict)  # this model's own config keys
+
+
+@dataclass
+class SuiteFile:
+    """A suite file: ``[suite]``, ``[common]`` (config keys set for every model), and
+    ``[[models]]``."""
+
+    suite: SuiteHead = field(default_factory=SuiteHead)
+    common: dict[str, Any] = field(default_factory=dict)
+    models: list[SuiteEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -79,44 +111,34 @@ def _token_depths(run: LoadedRun, n_tokens: int = 400) -> list[tuple[str, int]] 
 
 def load_suite(name_or_path: str | Path, overrides: list[str] | None = None) -> Suite:
     path = find_suite(name_or_path)
-    raw = read_toml(path)
-    unknown = sorted(set(raw) - {"suite", "common", "models"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown table {unknown[0]!r}; a suite has [suite], [common] "
-                          "and [[models]]")
-    head = raw.get("suite", {})
-    name = head.get("name", path.name.removesuffix(".toml"))
-    budget = head.get("budget_tokens", 0)
-    if not isinstance(budget, int) or budget <= 0:
-        raise ConfigError(f"{path}: suite.budget_tokens must be a positive integer, got {budget!r}")
-    base: dict[str, Any] = {}
-    if "base" in head:
-        base = read_toml(find_preset(head["base"], relative_to=path))
-    models = raw.get("models", [])
-    if not models:
+    try:
+        spec = tables.build(SuiteFile, read_toml(path), "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    head = spec.suite
+    if head.budget_tokens is None:
+        raise ConfigError(f"{path}: suite.budget_tokens is missing; give the training tokens "
+                          "every model gets, e.g. budget_tokens = 1_000_000")
+    base = read_toml(find_preset(head.base, relative_to=path)) if head.base else {}
+    if not spec.models:
         raise ConfigError(f"{path}: the suite has no [[models]]; add at least one")
-    suite = Suite(name, budget, int(head.get("decode_tokens", 64)))
+    suite = Suite(head.name or path.name.removesuffix(".toml"), head.budget_tokens,
+                  head.decode_tokens)
     seen = set()
-    for i, entry in enumerate(models):
-        model_name = entry.get("name")
-        if not model_name or not isinstance(model_name, str):
+    for i, entry in enumerate(spec.models):
+        if not entry.name:
             raise ConfigError(f"{path}: models[{i}] needs a name")
-        if model_name in seen:
-            raise ConfigError(f"{path}: two models are named {model_name!r}")
-        seen.add(model_name)
-        extra = set(entry) - {"name", "config", "preset"}
-        if extra:
-            raise ConfigError(f"{path}: models[{i}] ({model_name}) has unknown keys {sorted(extra)}; "
-                              "put config keys under config = { ... }")
-        start = (read_toml(find_preset(entry["preset"], relative_to=path)) if "preset" in entry
-                 else base)
-        merged = deep_merge(deep_merge(start, raw.get("common", {})), entry.get("config", {}))
+        if entry.name in seen:
+            raise ConfigError(f"{path}: two models are named {entry.name!r}")
+        seen.add(entry.name)
+        start = read_toml(find_preset(entry.preset, relative_to=path)) if entry.preset else base
+        merged = deep_merge(deep_merge(start, spec.common), entry.config)
         for item in overrides or []:
             apply_override(merged, item)
-        merged["name"] = model_name
-        merged.setdefault("train", {})["max_tokens"] = budget
+        merged["name"] = entry.name
+        merged.setdefault("train", {})["max_tokens"] = head.budget_tokens
         from_dict(copy.deepcopy(merged)).validate()  # fail now, not after training half the suite
-        suite.models.append(SuiteModel(model_name, merged))
+        suite.models.append(SuiteModel(entry.name, merged))
     return suite
 
 

@@ -82,7 +82,18 @@ def test_the_demo_suite_is_valid():
 @pytest.mark.parametrize("models, budget, message", [
     ("", 4096, "the suite has no [[models]]"),
     (MODELS + '\n[[models]]\nname = "dense"\n', 4096, "two models are named 'dense'"),
-    (MODELS, 0, "suite.budget_tokens must be a positive integer"),
+    (MODELS, 0, "suite.budget_tokens = 0 must be positive"),
+    (MODELS, '"lots"', "suite.budget_tokens must be an integer, got 'lots'"),
+    (MODELS, "true", "suite.budget_tokens must be an integer, got true"),
+    (MODELS, "nan", "suite.budget_tokens must be an integer, got nan"),
+    (MODELS + 'decode_tokens = 8\n', 4096,
+     "unknown key models[2].decode_tokens; valid keys in [models[2]]: ['config', 'name', "
+     "'preset']; put config keys under config"),
+    ('[[models]]\nname = 5\n', 4096, "models[0].name must be a string, got 5"),
+    ('[[models]]\nname = "x"\nconfig = 5\n', 4096, "models[0].config must be a table, got 5"),
+    ('[[models]]\nname = "x"\nconfig = { train = { lr = nan } }\n', 4096,
+     "train.lr = nan is not a finite number"),
+    ('[bench]\n[[models]]\nname = "x"\n', 4096, "unknown key bench"),
     ('[[models]]\nname = "x"\nd_model = 3\n', 4096, "put config keys under config"),
     ('[[models]]\nname = "x"\nconfig = { model = { n_heads = 5 } }\n', 4096,
      "model.n_heads = 5 does not divide"),
@@ -91,3 +102,23 @@ def test_suite_errors_are_clear(tmp_path, models, budget, message):
     with pytest.raises(ConfigError) as err:
         load_suite(write_suite(tmp_path, models, budget))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('models = "abc"\n[suite]\nbudget_tokens = 64\n', "models must be a list of tables, got 'abc'"),
+    ('models = [1, 2]\n[suite]\nbudget_tokens = 64\n', "models[0] must be a table, got 1"),
+    ('suite = 5\n', "suite must be a table, got 5"),
+    ('[suite]\nbudget_tokens = 64\ndecode_tokens = "abc"\n',
+     "suite.decode_tokens must be an integer, got 'abc'"),
+    ('[suite]\nbudget_tokens = 64\ndecode_tokens = -1\n', "suite.decode_tokens = -1 must be positive"),
+    ('[suite]\nbudget_tokens = 64\nbase = 5\n', "suite.base must be a string, got 5"),
+    ('[suite]\nbudget_tokens = 64\nbudget = 3\n', "unknown key suite.budget"),
+    ('[suite]\nname = "x"\n[[models]]\nname = "a"\n', "suite.budget_tokens is missing"),
+])
+def test_suite_tables_are_typed(tmp_path, text, message):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_suite(suite)
+    assert message in str(err.value) and str(suite) in str(err.value)
+    assert "\n" not in str(err.value)
