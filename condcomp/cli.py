@@ -9,8 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
+from condcomp import flags
 from condcomp.errors import CondcompError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other user error is (exit code 2):
+    ``condcomp generate: error: argument --top-p: 2.0 must be in (0, 1]; see ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -110,8 +120,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from condcomp import __version__, bench
+    from condcomp.generate import GREEDY_BELOW, Sampling
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="condcomp", description="Conditional computation for transformer language models.")
     parser.add_argument("--version", action="version", version=f"condcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,23 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a run")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
-    p.add_argument("--max-tokens", type=int, default=0, help="0: the whole validation split")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-tokens", type=flags.number(int, ge=0), default=0,
+                   help="0: the whole validation split")
+    p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=flags.number(int, gt=0), default=200)
+    p.add_argument("--temperature", type=flags.like(Sampling, "temperature"), default=0.8,
+                   help=f"0 (or below {GREEDY_BELOW:g}): greedy")
+    p.add_argument("--top-k", type=flags.like(Sampling, "top_k"), default=0, help="0: off")
+    p.add_argument("--top-p", type=flags.like(Sampling, "top_p"), default=1.0,
+                   help="nucleus sampling, in (0, 1]; 1: off")
+    p.add_argument("--seed", type=flags.seed, default=None)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (pays off after a few hundred tokens)")
     p.add_argument("--checkpoint")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
@@ -162,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help or --version (0), or a bad flag (2, its line printed)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     from condcomp.runtime import flush_denormals
 
     flush_denormals()

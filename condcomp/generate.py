@@ -8,34 +8,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from condcomp.errors import GenerationError
 from condcomp.model import TransformerLM
+from condcomp.ranges import range_of, ranged
+
+# Below this temperature sampling is greedy: greedy is the limit as the temperature falls,
+# and near zero logits / temperature would overflow float32 into NaN probabilities.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass
 class Sampling:
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+    temperature: float = ranged(0.8, ge=0.0)  # 0 (or below GREEDY_BELOW): greedy
+    top_k: int = ranged(0, ge=0)  # 0: off
+    top_p: float = ranged(1.0, gt=0.0, le=1.0)  # 1: off
 
     def validate(self) -> Sampling:
-        if self.temperature < 0:
-            raise GenerationError(f"--temperature {self.temperature} must not be negative")
-        if self.top_k < 0:
-            raise GenerationError(f"--top-k {self.top_k} must not be negative")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"--top-p {self.top_p} must be in (0, 1]")
+        for f in fields(self):
+            problem = range_of(f).problem(getattr(self, f.name))
+            if problem is not None:
+                raise GenerationError(f"--{f.name.replace('_', '-')} {problem}")
         return self
 
 
 def sample(logits_BV: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
            ) -> torch.Tensor:
     """Next token ids ``[B, 1]`` from the last-position logits."""
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits_BV.argmax(dim=-1, keepdim=True)
     logits = logits_BV.float() / sampling.temperature
     if sampling.top_k > 0:

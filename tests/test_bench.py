@@ -80,7 +80,6 @@ def test_bench_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra, match", [
     (["--what", "train,sing"], "--what"),
-    (["--decode-tokens", "1"], "--decode-tokens"),
     (["--decode-tokens", "100"], "max_seq_len"),
     (["--seq-len", "128"], "max_seq_len"),
 ])
@@ -181,19 +180,26 @@ def test_bench_moe_counts_compiled_bytes_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["moe", "--param-dtype", "bfloat16"], "add --dtype bfloat16"),
     (["moe", "--experts", "8-1"], "write E:k pairs"),
-    (["moe", "--tokens", "-5"], "--tokens = -5 must be positive"),
-    (["moe", "--steps", "0"], "--steps must be at least 1"),
+    (["moe", "--tokens", "-5"], "argument --tokens: -5 must be positive"),
+    (["moe", "--steps", "0"], "argument --steps: 0 must be positive"),
     (["decode", "--shapes", "abc"], "--shapes 'abc': give a comma list of d_model values"),
     (["decode", "--shapes", "0"], "--shapes '0': give a comma list of d_model values"),
-    (["decode", "--tokens", "0"], "--tokens and --context must be at least 1"),
-    (["decode", "--context", "0"], "--tokens and --context must be at least 1"),
-    (["decode", "--stack", "0"], "--layers and --stack must be at least 1"),
+    (["decode", "--tokens", "0"], "argument --tokens: 0 must be positive"),
+    (["decode", "--context", "0"], "argument --context: 0 must be positive"),
+    (["decode", "--stack", "0"], "argument --stack: 0 must be positive"),
+    (["decode", "--block-size", "1"], "argument --block-size: 1 must be at least 2"),
+    (["runs", "r", "--repeats", "0"], "argument --repeats: 0 must be positive"),
+    (["runs", "r", "--tokens", "-1"], "argument --tokens: -1 must be at least 0"),
+    (["models", "--configs", "a,b", "--seed", "-1"], "argument --seed: -1 must be at least 0"),
+    (["--decode-tokens", "1"], "argument --decode-tokens: 1 must be at least 2"),
+    (["--warmup", "-1"], "argument --warmup: -1 must not be negative"),
 ])
 def test_bench_subcommands_reject_bad_arguments(argv, message, capsys):
     from condcomp.cli import main
 
     assert main(["bench", *argv, "--device", "cpu"]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_decode_table(tmp_path, capsys):

@@ -49,3 +49,72 @@ def test_bad_data_files_stop_training_before_it_starts(content, message, tmp_pat
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "RUN", "--prompt", "hi", "--temperature", "nan"],
+     "argument --temperature: nan is not a finite number; it must not be negative"),
+    (["generate", "RUN", "--prompt", "hi", "--temperature", "-1"],
+     "argument --temperature: -1.0 must not be negative"),
+    (["generate", "RUN", "--prompt", "hi", "--temperature", "warm"],
+     "argument --temperature: 'warm' is not a number"),
+    (["generate", "RUN", "--prompt", "hi", "--top-p", "0"],
+     "argument --top-p: 0.0 must be in (0, 1]"),
+    (["generate", "RUN", "--prompt", "hi", "--top-p", "1.5"],
+     "argument --top-p: 1.5 must be in (0, 1]"),
+    (["generate", "RUN", "--prompt", "hi", "--top-p", "nan"],
+     "argument --top-p: nan is not a finite number; it must be in (0, 1]"),
+    (["generate", "RUN", "--prompt", "hi", "--top-k", "-1"],
+     "argument --top-k: -1 must not be negative"),
+    (["generate", "RUN", "--prompt", "hi", "--max-new-tokens", "-5"],
+     "argument --max-new-tokens: -5 must be positive"),
+    (["generate", "RUN", "--prompt", "hi", "--seed", str(2**64)],
+     "argument --seed: 2**64 must be at least -2**63 and at most 2**64 - 1"),
+    (["generate", "RUN", "--prompt", "hi", "--device", "quantum"],
+     "argument --device: 'quantum' is not a device condcomp runs on; use 'auto', 'cpu', 'cuda' "
+     "or 'cuda:N'"),
+    (["eval", "RUN", "--max-tokens", "-1"], "argument --max-tokens: -1 must not be negative"),
+    (["eval", "RUN", "--device", "cuda:x"], "argument --device: 'cuda:x' is not a device"),
+    (["bench", "moe", "--device", "quantum"], "argument --device: 'quantum' is not a device"),
+    (["bench", "--seed", "-1"], "argument --seed: -1 must be at least 0"),
+])
+def test_bad_flags_are_one_line_naming_flag_value_and_range(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.endswith(" --help"), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_help_still_exits_zero(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "greedy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=18446744073709551616", "train.seed = 2**64 must be at least -2**63"),
+    ("train.lr=nan", "train.lr = nan is not a finite number; it must be positive"),
+    ('model.ffn.capacity_factor="abc"', "model.ffn.capacity_factor must be a number, got 'abc'"),
+])
+def test_bad_config_values_stop_train_in_one_line(override, message, capsys, monkeypatch,
+                                                   tmp_path):
+    monkeypatch.chdir(REPO)
+    args = ["train", "--config", "switch", "--set", override,
+            "--set", f'out_dir="{tmp_path / "run"}"']
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("condcomp: error: ") and message in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_tiny_temperature_samples_greedily():
+    """Sampling tends to greedy as the temperature falls; below GREEDY_BELOW it is greedy,
+    where logits / temperature would otherwise overflow into NaN probabilities."""
+    import torch
+
+    from condcomp.generate import Sampling, sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3]])
+    for temperature in (1e-40, 1e-300, 5e-324):
+        token = sample(logits, Sampling(temperature=temperature).validate(),
+                       torch.Generator().manual_seed(0))
+        assert token.item() == 1

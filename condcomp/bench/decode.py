@@ -19,13 +19,16 @@ from typing import Any
 
 import torch
 
+from condcomp import flags
 from condcomp.bench.common import command_line, median_seconds, report, time_in_turns
+from condcomp.conditional.sparse_ff import SparseFFOptions
 from condcomp.conditional.sparse_qkv import OUTPUTS
 from condcomp.config import ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
 from condcomp.machine_load import LoadMeter
 from condcomp.model import TransformerLM
 from condcomp.model.accounting import active_param_count
+from condcomp.ranges import MAX_SIZE
 from condcomp.runtime import device_name, resolve_device
 
 WARMUP_STEPS = 3  # untimed decode steps per variant
@@ -44,18 +47,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="1024,4096", help="d_model of the shapes to run")
     p.add_argument("--whole-model", choices=["on", "off"], default="on",
                    help="also time the 24-layer d_model 1024 model")
-    p.add_argument("--layers", type=int, default=24, help="layers of the whole model")
-    p.add_argument("--stack", type=int, default=4,
+    positive = flags.number(int, gt=0, le=MAX_SIZE)
+    p.add_argument("--layers", type=positive, default=24, help="layers of the whole model")
+    p.add_argument("--stack", type=positive, default=4,
                    help="per-block rows: blocks run per timed step (the time is divided by "
                    "it); 1 times a lone block, paying a model's per-step costs in every block")
-    p.add_argument("--block-size", type=int, default=64, help="Sparse FF: units per block (N)")
-    p.add_argument("--d-lowrank", type=int, default=64, help="Sparse FF controller rank")
+    p.add_argument("--block-size", type=flags.like(SparseFFOptions, "block_size"), default=64,
+                   help="Sparse FF: units per block (N)")
+    p.add_argument("--d-lowrank", type=flags.like(SparseFFOptions, "d_lowrank"), default=64,
+                   help="Sparse FF controller rank")
     p.add_argument("--qkv-output", choices=OUTPUTS, default="multiplicative",
                    help="Sparse QKV's attention output layer (default: multiplicative, the "
                    "paper's sparse output layer; dense keeps wo)")
-    p.add_argument("--context", type=int, default=64, help="prefilled tokens before timing")
-    p.add_argument("--tokens", type=int, default=32, help="timed decode steps per variant")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--context", type=positive, default=64, help="prefilled tokens before timing")
+    p.add_argument("--tokens", type=positive, default=32, help="timed decode steps per variant")
+    p.add_argument("--device", type=flags.device, default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each variant's decode step (one graph per variant, on "
                    "the CPU with Inductor's C++ wrapper; removes most of eager PyTorch's "
@@ -162,17 +168,8 @@ def parse_shapes(text: str) -> list[int]:
     return shapes
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.tokens < 1 or args.context < 1:
-        raise ConfigError("--tokens and --context must be at least 1 (the timed decode steps "
-                          "and the prefilled tokens before them)")
-    if args.layers < 1 or args.stack < 1:
-        raise ConfigError("--layers and --stack must be at least 1")
-
-
 def run(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shapes)
-    check_args(args)
     device = resolve_device(args.device)
     # The KV cache holds what the run decodes (prefill, warm-up and timed steps) and no more:
     # a step attends over the whole static cache under a mask, so a cache sized for 1024 more

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from condcomp import flags
 from condcomp.bench.common import environment, markdown_table, report, si
 from condcomp.bench.lm_timing import (
     DecodeResult,
@@ -70,7 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="the model to compare with (default: hf if transformers is installed)")
     p.add_argument("--what", default="train,decode", help="comma list of: train, decode")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.bench_seed, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
     return p

@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 
+from condcomp import flags
 from condcomp.bench.common import sync
 from condcomp.config import RunConfig, load_config
 from condcomp.errors import ConfigError
 from condcomp.master_weights import check_param_dtype, master_weights_for
+from condcomp.ranges import MAX_SIZE
 from condcomp.runtime import autocast, autocast_dtype, resolve_device
 
 DEFAULT_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 128 (nanoGPT), for the tensor cores
@@ -48,19 +50,24 @@ WHATS = ("train", "decode")
 
 def add_measure_options(p: argparse.ArgumentParser, decode_tokens: int) -> None:
     """The shape, timing and device options shared by ``bench`` and ``bench models``."""
-    p.add_argument("--vocab-size", type=int, default=None,
+    size = flags.number(int, gt=0, le=MAX_SIZE)
+    p.add_argument("--vocab-size", type=size, default=None,
                    help=f"default: model.vocab_size if set, else {DEFAULT_VOCAB}")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
-    p.add_argument("--steps", type=int, default=10, help="timed train steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first (default 3)")
-    p.add_argument("--decode-tokens", type=int, default=decode_tokens,
-                   help=f"new tokens per generation (default {decode_tokens})")
-    p.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (default 16)")
-    p.add_argument("--decode-repeats", type=int, default=3,
+    p.add_argument("--batch-size", type=size, default=None, help="default: train.batch_size")
+    p.add_argument("--seq-len", type=size, default=None, help="default: train.seq_len")
+    p.add_argument("--steps", type=flags.number(int, gt=0), default=10,
+                   help="timed train steps (default 10)")
+    p.add_argument("--warmup", type=flags.number(int, ge=0), default=3,
+                   help="untimed train steps first (default 3)")
+    p.add_argument("--decode-tokens", type=flags.number(int, ge=2), default=decode_tokens,
+                   help=f"new tokens per generation (default {decode_tokens}); at least 2: the "
+                   "first comes from the prefill, decode speed is timed from the second on")
+    p.add_argument("--prompt-len", type=flags.number(int, gt=0), default=16,
+                   help="random prompt tokens (default 16)")
+    p.add_argument("--decode-repeats", type=flags.number(int, gt=0), default=3,
                    help="timed generations per model, after one untimed (default 3); the "
                    "median is reported")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
 
@@ -106,14 +113,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     unknown = [w for w in what if w not in WHATS]
     if unknown or not what:
         raise ConfigError(f"--what {args.what!r}: use a comma list of {list(WHATS)}")
-    for name in ("steps", "decode_repeats", "prompt_len"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise ConfigError("--warmup must not be negative")
-    if args.decode_tokens < 2:
-        raise ConfigError("--decode-tokens must be at least 2 (the first new token comes from "
-                          "the prefill; decode speed is timed from the second on)")
     if "decode" in what and args.prompt_len + args.decode_tokens > cfg.model.max_seq_len:
         raise ConfigError(
             f"--prompt-len {args.prompt_len} + --decode-tokens {args.decode_tokens} exceeds "

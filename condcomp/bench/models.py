@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from condcomp import flags
 from condcomp.bench.common import environment, markdown_table, report, si
 from condcomp.bench.compiled_bytes import count_compiled_bytes
 from condcomp.bench.lm_timing import (
@@ -66,7 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="torch.compile the training step of every model (decode stays eager: "
                    "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
                    "and every model is decoded the same way)")
-    p.add_argument("--train-routers", type=int, default=0, metavar="STEPS",
+    p.add_argument("--train-routers", type=flags.number(int, ge=0), default=0, metavar="STEPS",
                    help="before decoding, train the decode routers (Mixture-of-Depths' router "
                    "or predictor) for STEPS steps on their own routing loss alone, so that "
                    "decode routes the share a trained model routes rather than an untrained "
@@ -76,7 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="instead of timing the training step, count the bytes its compiled "
                    "forward + backward reads and writes (inductor's schedule, one step per "
                    "model; no GPU needed), per token and against the baseline")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.bench_seed, default=0)
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=run)
     return p
@@ -106,8 +107,6 @@ def make_plans(args: argparse.Namespace) -> dict[str, Plan]:
 
 def run(args: argparse.Namespace) -> int:
     plans = make_plans(args)
-    if args.train_routers < 0:
-        raise ConfigError("--train-routers must not be negative")
     if args.count_bytes and "train" not in next(iter(plans.values())).what:
         raise ConfigError("--count-bytes counts the training step: keep train in --what")
     meter = LoadMeter()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from condcomp import flags
 from condcomp.bench.common import command_line, report, sync
 from condcomp.bench.compiled_bytes import count_compiled_bytes
 from condcomp.errors import ConfigError
@@ -44,6 +45,7 @@ from condcomp.master_weights import (
     master_weights_for,
     matrix_weights,
 )
+from condcomp.ranges import MAX_COUNT, MAX_SIZE
 from condcomp.runtime import autocast, autocast_dtype, device_name, resolve_device
 
 PROFILED_PASSES = 3  # --profile: passes profiled after the timed ones
@@ -53,16 +55,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "moe", help="MoE layer throughput vs the equal-FLOP dense FFN and HF Mixtral",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
-    p.add_argument("--d-ff", type=int, default=None,
+    size = flags.number(int, gt=0, le=MAX_SIZE)
+    p.add_argument("--d-model", type=size, default=None, help="default: 1024 on CUDA, 256 on CPU")
+    p.add_argument("--d-ff", type=size, default=None,
                    help="dense FFN width (SwiGLU); default: 8/3 d_model rounded to 64")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens", type=flags.number(int, gt=0, le=MAX_COUNT), default=None,
                    help="tokens per batch; default: 65536 on CUDA, 4096 on CPU")
     p.add_argument("--experts", default="8:1,64:8",
                    help="comma list of E:k (experts : experts per token), e.g. 8:1,64:8")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=flags.number(int, gt=0), default=10,
+                   help="timed forward + backward steps (default 10)")
+    p.add_argument("--warmup", type=flags.number(int, ge=0), default=3)
+    p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -140,14 +144,6 @@ def profile_table(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor,
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("d_model", "d_ff", "tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} = {value} must be positive")
-    if args.steps < 1:
-        raise ConfigError("--steps must be at least 1 (the timed forward + backward steps)")
-    if args.warmup < 0:
-        raise ConfigError("--warmup must not be negative")
     if args.profile and args.count_bytes:
         raise ConfigError("--profile profiles the timed passes and --count-bytes times none; "
                           "drop one of them")

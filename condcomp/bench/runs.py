@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from condcomp import flags
 from condcomp.bench.common import command_line, report, time_in_turns
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.data import prepare_data
 from condcomp.errors import ConfigError
 from condcomp.machine_load import LoadMeter
 from condcomp.model import TransformerLM
+from condcomp.ranges import MAX_SIZE
 from condcomp.runs import LoadedRun, load_run
 from condcomp.runtime import device_name, resolve_device
 
@@ -36,10 +38,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "runs", help="batch-1 decode time of trained runs side by side, against the first",
         description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is the baseline")
-    p.add_argument("--tokens", type=int, default=0,
+    p.add_argument("--tokens", type=flags.number(int, ge=0, le=MAX_SIZE), default=0,
                    help="decode steps per pass (default 0: the smallest max_seq_len - 1)")
-    p.add_argument("--repeats", type=int, default=3, help="passes over the tokens (default 3)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=flags.number(int, gt=0), default=3,
+                   help="passes over the tokens (default 3)")
+    p.add_argument("--device", type=flags.device, default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights and cache while decoding (auto: bfloat16 on CUDA, else float32)")
     p.add_argument("--feed", choices=["greedy", "val"], default="greedy",
@@ -108,10 +111,6 @@ def validation_tokens(first: LoadedRun, tokens: int, device: torch.device) -> to
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1:
-        raise ConfigError("--repeats must be at least 1")
-    if args.tokens < 0:
-        raise ConfigError("--tokens must not be negative (0: as many as the contexts allow)")
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
