@@ -7,9 +7,11 @@ A checkpoint is a directory ``checkpoints/step_00000010/`` holding
   numbers, loaded with ``weights_only=True``);
 - ``manifest.json``: written last, with each file's size and SHA-256.
 
-It is written under a temporary name and renamed into place, so a process killed mid-write
-(SIGKILL included) never leaves a half checkpoint that looks complete. Loading checks the
-manifest: a truncated or corrupt checkpoint is refused with a message naming the previous one.
+It is written under a temporary name (``.tmp-...``) and renamed into place, so a process killed
+mid-write (SIGKILL included) never leaves a half checkpoint that looks complete; the next run
+into the folder deletes such leftovers (:func:`remove_leftovers`). Loading checks the manifest:
+a truncated or corrupt checkpoint is refused with a message naming the previous one, and a
+checkpoint of another model with one naming the weights whose shapes differ.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from condcomp.errors import CheckpointError
+from condcomp.errors import CheckpointError, storage_error
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
 _PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # a checkpoint being written, renamed to step_XXXXXXXX when complete
 
 
 @dataclass
@@ -61,32 +64,87 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest ``keep_last``."""
+    """Write a checkpoint atomically, then delete all but the newest ``keep_last``.
+
+    A write that fails (a full disk, say) leaves the earlier checkpoints as they were and raises
+    a :class:`StorageError` naming the latest good one."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    for name in (MODEL_FILE, STATE_FILE):
-        _fsync(tmp / name)
-    manifest = {"format": FORMAT_VERSION, "step": step,
-                "files": {name: _describe(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
-    _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        _save_state(state, tmp / STATE_FILE)
+        for name in (MODEL_FILE, STATE_FILE):
+            _fsync(tmp / name)
+        manifest = {"format": FORMAT_VERSION, "step": step,
+                    "files": {name: _describe(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
+        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        _move_into_place(tmp, final)
+        _fsync_dir(root)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = list_checkpoints(run_dir)
+        latest = (f"the latest good checkpoint is {good[-1].path}, which --resume continues "
+                  "from once the disk has room" if good else
+                  "no checkpoint of this run was written yet")
+        raise storage_error(exc, f"cannot write checkpoint {final}", latest) from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 
-def resolve_checkpoint(run_dir: Path, path: str | Path | None = None) -> Checkpoint:
-    """The checkpoint at ``path``, or the newest one of the run."""
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file, so that a failed write (a full disk) surfaces as the OSError that
+    # says why; torch raises a RuntimeError about its zip writer while handling it.
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``. The same step saved again (a resumed run) replaces it, and
+    the old copy is deleted only once the new one is in place."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes that were interrupted (a process
+    killed mid-write leaves one, as large as a checkpoint). Only for the holder of the run's
+    lock (condcomp.run_lock): another process's live write would go too."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = sorted(path for path in root.iterdir() if path.name.startswith(TMP_PREFIX))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def resolve_checkpoint(run_dir: Path, path: str | Path | None = None,
+                       flag: str = "--resume") -> Checkpoint:
+    """The checkpoint at ``path``, or the newest one of the run. ``flag`` is the option that
+    names a checkpoint where the message suggests another one."""
     if path is not None:
         path = Path(path)
         if not (path / MANIFEST_FILE).is_file():
@@ -94,58 +152,103 @@ def resolve_checkpoint(run_dir: Path, path: str | Path | None = None) -> Checkpo
                 f"{path} is not a complete checkpoint (no {MANIFEST_FILE}); name a directory "
                 f"such as {checkpoint_dir(run_dir) / (_PREFIX + '00000100')}"
             )
-        step = json.loads((path / MANIFEST_FILE).read_text()).get("step", -1)
-        return Checkpoint(path, int(step))
+        try:
+            step = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["step"]
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"its step is {step!r}, not a step number")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _corrupt(Checkpoint(path, _step_in_name(path)), run_dir,
+                     f"its manifest is unreadable ({exc})", flag)
+        return Checkpoint(path, step)
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}; train the run first")
     return found[-1]
 
 
-def verify_checkpoint(ckpt: Checkpoint, run_dir: Path | None = None) -> None:
+def verify_checkpoint(ckpt: Checkpoint, run_dir: Path | None = None,
+                      flag: str = "--resume") -> None:
     """Check every file against the manifest; raise a :class:`CheckpointError` naming the
     previous checkpoint, which stays usable, if anything is missing, truncated or altered."""
     try:
-        manifest = json.loads((ckpt.path / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        _corrupt(ckpt, run_dir, f"its manifest is unreadable ({exc})")
-    for name, expected in files.items():
+        manifest = json.loads((ckpt.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = {name: (int(manifest["files"][name]["bytes"]),
+                        str(manifest["files"][name]["sha256"]))
+                 for name in (MODEL_FILE, STATE_FILE)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _corrupt(ckpt, run_dir, f"its manifest is unreadable ({exc})", flag)
+    for name, (n_bytes, sha256) in files.items():
         path = ckpt.path / name
         if not path.is_file():
-            _corrupt(ckpt, run_dir, f"{name} is missing")
+            _corrupt(ckpt, run_dir, f"{name} is missing", flag)
         size = path.stat().st_size
-        if size != expected["bytes"]:
-            _corrupt(ckpt, run_dir, f"{name} has {size} bytes, expected {expected['bytes']} "
-                                    "(truncated?)")
-        if _sha256(path) != expected["sha256"]:
-            _corrupt(ckpt, run_dir, f"{name} does not match its SHA-256 (corrupted?)")
+        if size != n_bytes:
+            _corrupt(ckpt, run_dir, f"{name} has {size} bytes, expected {n_bytes} (truncated?)",
+                     flag)
+        if _sha256(path) != sha256:
+            _corrupt(ckpt, run_dir, f"{name} does not match its SHA-256 (corrupted?)", flag)
 
 
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module, run_dir: Path | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+                    map_location: str | torch.device = "cpu", flag: str = "--resume"
+                    ) -> dict[str, Any]:
     """Verify, load the weights into ``model`` and return the training state."""
-    verify_checkpoint(ckpt, run_dir)
+    verify_checkpoint(ckpt, run_dir, flag)
     try:
+        check_same_model(ckpt, model)
         missing, unexpected = load_model(model, str(ckpt.path / MODEL_FILE), strict=False,
                                          device=str(map_location))
     except (SafetensorError, RuntimeError, OSError) as exc:
-        _corrupt(ckpt, run_dir, f"its weights do not load ({exc})")
+        _corrupt(ckpt, run_dir, f"its weights do not load ({exc})", flag)
     if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} does not fit this model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}); was the model config changed since it was "
-            "written?"
-        )
+        parts = []
+        if missing:
+            parts.append(f"it lacks {_some(sorted(missing))}")
+        if unexpected:
+            parts.append(f"it holds {_some(sorted(unexpected))}, which this model has not")
+        raise _another_model(ckpt, " and ".join(parts))
     return torch.load(ckpt.path / STATE_FILE, map_location=map_location, weights_only=True)
 
 
-def _corrupt(ckpt: Checkpoint, run_dir: Path | None, why: str) -> None:
+def check_same_model(ckpt: Checkpoint, model: nn.Module) -> None:
+    """Refuse, in one line, a checkpoint whose weights have other shapes than ``model``'s:
+    a checkpoint of another model, which loading would report as a page of size mismatches."""
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    differ = []
+    with safe_open(str(ckpt.path / MODEL_FILE), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            shape = list(f.get_slice(name).get_shape())
+            if name in expected and shape != expected[name]:
+                differ.append(f"{name}: checkpoint {shape}, model {expected[name]}")
+    if differ:
+        more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise _another_model(ckpt, "; ".join(differ[:3]) + more)
+
+
+def _another_model(ckpt: Checkpoint, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {ckpt.path} is of another model (it is not corrupt): {what}; use it with "
+        "the config of the run that wrote it (its config.json), or a checkpoint of this model")
+
+
+def _some(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+
+
+def _step_in_name(path: Path) -> int:
+    try:
+        return int(path.name[len(_PREFIX):])
+    except ValueError:
+        return -1
+
+
+def _corrupt(ckpt: Checkpoint, run_dir: Path | None, why: str, flag: str = "--resume"
+             ) -> NoReturn:
     hint = "delete it and train again"
     if run_dir is not None:
         older = [c for c in list_checkpoints(run_dir) if c.step < ckpt.step]
         if older:
-            hint = f"resume from the previous one with --resume {older[-1].path}"
+            hint = f"use the previous one with {flag} {older[-1].path}"
     raise CheckpointError(f"checkpoint {ckpt.path} is corrupt: {why}; {hint}")
 
 
