@@ -36,7 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # --resume alone means the newest checkpoint; --resume PATH a named one.
     resume: bool | str = {None: False, "latest": True}.get(args.resume, args.resume)
-    result = train(cfg, resume=resume)
+    allowed = [key.strip() for item in args.allow_change for key in item.split(",") if key.strip()]
+    result = train(cfg, resume=resume, allow_changes=allowed)
     if result.final_eval is not None:
         e = result.final_eval
         print(f"done: {result.steps} steps in {result.run_dir}; val loss {e.loss:.4f}, "
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue the run from its newest checkpoint, or from CHECKPOINT")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY...]",
+                   help="with --resume: accept new values of these config keys (or sections, "
+                   "e.g. data), which change what the run trains; the change is recorded")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a run")

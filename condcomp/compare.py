@@ -22,7 +22,8 @@ or a file::
     name = "switch"
     preset = "switch"              # start from another preset instead of the suite's base
 
-Every model trains into ``<out>/<model name>/``. A model whose run already finished is not
+Every model trains into ``<out>/<model name>/`` (a name is one folder name, so no model writes
+outside ``<out>``). A model whose run already finished is not
 trained again (its run is resumed, which for a finished run only re-evaluates), so a suite can
 be re-run to refresh the report, or extended with new models.
 """
@@ -47,7 +48,9 @@ from condcomp.machine_load import LoadMeter, mean_share
 from condcomp.presets import find_preset, find_suite
 from condcomp.ranges import MAX_COUNT, MAX_SIZE, ranged
 from condcomp.report import RunSummary, write_report
-from condcomp.runs import LoadedRun, load_run, read_metrics
+from condcomp.run_changes import ConfigChangedError
+from condcomp.run_changes import describe as describe_changes
+from condcomp.runs import LoadedRun, check_name, load_run, read_metrics
 from condcomp.runtime import device_name, resolve_device
 from condcomp.train import train
 
@@ -124,10 +127,12 @@ def load_suite(name_or_path: str | Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: the suite has no [[models]]; add at least one")
     suite = Suite(head.name or path.name.removesuffix(".toml"), head.budget_tokens,
                   head.decode_tokens)
+    check_name(suite.name, f"{path}: suite.name")  # the default output folder is runs/<name>
     seen = set()
     for i, entry in enumerate(spec.models):
         if not entry.name:
             raise ConfigError(f"{path}: models[{i}] needs a name")
+        check_name(entry.name, f"{path}: models[{i}].name")  # its folder is <out>/<name>
         if entry.name in seen:
             raise ConfigError(f"{path}: two models are named {entry.name!r}")
         seen.add(entry.name)
@@ -154,7 +159,13 @@ def run_suite(name_or_path: str | Path, out_dir: str | Path | None = None,
         cfg = from_dict(raw).validate()
         log(f"== {model.name}: {registry.describe(cfg.model)}")
         resume = bool(list_checkpoints(cfg.run_dir))
-        result = train(cfg, resume=resume, log=log)
+        try:
+            result = train(cfg, resume=resume, log=log)
+        except ConfigChangedError as exc:
+            raise ConfigError(
+                f"suite model {model.name!r} in {exc.run_dir} was trained with other values: "
+                f"{describe_changes(exc.changes)}; delete {exc.run_dir} to train it again with "
+                "the suite's values, or write the suite into another --out") from None
         summaries.append(_summarise(model.name, result.run_dir, suite.decode_tokens))
     device = resolve_device(from_dict(copy.deepcopy(suite.models[0].config)).train.device)
     notes = [f"Every model trained on {suite.budget_tokens:,} tokens of the same data.",

@@ -16,7 +16,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,28 @@ import torch
 from condcomp import checkpoint as ckpt_lib
 from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
-from condcomp.errors import CondcompError, ConfigError, TrainingError
+from condcomp.errors import CondcompError, ConfigError, TrainingError, storage_error
 from condcomp.evaluate import EvalResult, evaluate
 from condcomp.machine_load import LoadMeter
 from condcomp.master_weights import check_param_dtype, master_weights_for
 from condcomp.model import TransformerLM
-from condcomp.runs import METRICS_FILE, TB_DIR, TOKENIZER_DIR, read_config, save_config
+from condcomp.run_changes import check_resume
+from condcomp.run_changes import describe as describe_changes
+from condcomp.run_lock import RunLock
+from condcomp.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TB_DIR,
+    TOKENIZER_DIR,
+    parse_metrics,
+    read_config,
+    remove_leftovers,
+    run_dir_of,
+    save_config,
+    write_atomically,
+)
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
+from condcomp.tb_events import EventWriter
 
 
 @dataclass
@@ -71,39 +86,55 @@ def make_optimizer(parameters: Iterable[torch.nn.Parameter], cfg: RunConfig,
 
 class MetricsLog:
     """JSONL rows plus TensorBoard scalars. On resume, rows after the checkpoint (written by
-    the interrupted process) are dropped, and TensorBoard purges them too."""
+    the interrupted process) are dropped, and TensorBoard purges them too, so no step is logged
+    twice; a line cut short by a crash is dropped with them."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None,
+                 log: Callable[[str], None] = print) -> None:
         self.path = run_dir / METRICS_FILE
-        if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        from tensorboardX import SummaryWriter
+        if resume_step is not None:
+            rows = parse_metrics(self.path, warn=lambda m: log(f"warning: {m}"))
+            write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows
+                                                if row["step"] <= resume_step))
+        else:
+            self.path.unlink(missing_ok=True)
+        try:
+            self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+            # Events after the checkpoint's step, logged by the interrupted process, are hidden.
+            self._tb = EventWriter(run_dir / TB_DIR,
+                                   purge_step=None if resume_step is None else resume_step + 1)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write the metrics of {run_dir}") from None
 
-        self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step)
+    def record(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to metrics.jsonl only (a note such as a config change, no scalars)."""
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write {self.path}") from None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        for key, value in row.items():
-            if key in ("step", "kind"):
-                continue
-            if isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, row["step"])
-            elif isinstance(value, list):  # e.g. tokens per expert: one bar per expert
-                self._tb.add_histogram_raw(
-                    key, min=0, max=len(value), num=len(value), sum=float(sum(value)),
-                    sum_squares=float(sum(v * v for v in value)),
-                    bucket_limits=list(range(1, len(value) + 1)), bucket_counts=value,
-                    global_step=row["step"])
+        self.record(row)
+        try:
+            for key, value in row.items():
+                if key in ("step", "kind"):
+                    continue
+                if isinstance(value, (int, float)):
+                    self._tb.scalar(key, value, row["step"])
+                elif isinstance(value, list):  # e.g. tokens per expert: one bar per expert
+                    self._tb.histogram_raw(key, row["step"], value)
+        except OSError as exc:
+            where = self.path.parent / TB_DIR
+            raise storage_error(exc, f"cannot write the TensorBoard events in {where}") from None
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        # Every row was flushed when written, and write() reported any failure then: a failure
+        # to close loses nothing, and must not hide the error that ended the run.
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._tb.close()
 
 
 def _loggable_stats(stats: dict[str, Any]) -> dict[str, float | list[float]]:
@@ -118,26 +149,44 @@ def _loggable_stats(stats: dict[str, Any]) -> dict[str, float | list[float]]:
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg`` into ``cfg.run_dir``; ``resume`` continues from the newest checkpoint
-    (``True``) or from a named one."""
-    run_dir = cfg.run_dir
+          log: Callable[[str], None] = print, allow_changes: Collection[str] = ()
+          ) -> TrainResult:
+    """Train ``cfg`` into its run folder; ``resume`` continues from the newest checkpoint
+    (``True``) or from a named one. A resume refuses a config that changes what the run trains
+    unless ``allow_changes`` names the keys (or sections) it may change
+    (:mod:`condcomp.run_changes`)."""
+    run_dir = run_dir_of(cfg)
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise CondcompError(f"--resume: {run_dir} holds no run to resume; drop --resume to "
+                            "start one")
+    if allow_changes and not resume:
+        raise ConfigError("--allow-change accepts changes to a resumed run; add --resume, or "
+                          "drop --allow-change for a new run")
+    # Held for the whole run and taken before anything in the folder is written, so that no
+    # other train, resume or compare can interleave its files with this run's.
+    with RunLock(run_dir, log=log):
+        return _train(cfg, run_dir, resume, log, allow_changes)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool | str | Path,
+           log: Callable[[str], None], allow_changes: Collection[str]) -> TrainResult:
     tc = cfg.train
     device = resolve_device(tc.device)
     flush_denormals()
     amp_dtype = autocast_dtype(device, tc.dtype)
     check_param_dtype(tc.param_dtype, amp_dtype, f"set train.dtype = {tc.param_dtype!r}")
+    leftovers = remove_leftovers(run_dir)
+    if leftovers:
+        log(f"removed {len(leftovers)} unfinished write(s) of an earlier process in {run_dir}: "
+            f"{', '.join(path.name for path in leftovers)}")
 
     ckpt = None
+    changes: dict[str, tuple[Any, Any]] = {}
     if resume:
-        if not (run_dir / "config.json").is_file():
-            raise CondcompError(f"--resume: {run_dir} holds no run to resume; drop --resume to "
-                                "start one")
         saved = read_config(run_dir)
-        if saved.model != _with_vocab(cfg, saved.model.vocab_size).model:
-            raise ConfigError(f"--resume: the model config differs from the one {run_dir} was "
-                              "trained with; resume with the same config, or use a new out_dir")
-        cfg.model.vocab_size = saved.model.vocab_size
+        if cfg.model.vocab_size == 0:  # automatic: the vocabulary the run was trained with
+            cfg.model.vocab_size = saved.model.vocab_size
+        changes = check_resume(run_dir, saved, cfg, allow_changes)
         ckpt = ckpt_lib.resolve_checkpoint(run_dir, None if resume is True else resume)
         tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     else:
@@ -152,10 +201,13 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     elif cfg.model.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {data.tokenizer.vocab_size}; set it to 0 (automatic)")
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, run_dir)
-        data.tokenizer.save(run_dir / TOKENIZER_DIR)
+        try:
+            data.tokenizer.save(run_dir / TOKENIZER_DIR)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write the tokenizer into {run_dir / TOKENIZER_DIR}"
+                                ) from None
 
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg.model).to(device)
@@ -190,7 +242,23 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
         step, elapsed, nonfinite = state["step"], state["elapsed_s"], state["nonfinite"]
         log(f"resumed {run_dir} from {ckpt.path} at step {step}")
 
-    metrics = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
+    metrics = MetricsLog(run_dir, resume_step=step if ckpt is not None else None, log=log)
+    # Tokens are counted from the checkpoint's count, so a batch size changed on resume (with
+    # --allow-change) does not rewrite the count of the steps before it.
+    tokens_at_start = state.get("tokens", step * tc.tokens_per_step) if state else 0
+    start_step = step
+
+    def tokens_at(at_step: int) -> int:
+        return tokens_at_start + (at_step - start_step) * tc.tokens_per_step
+
+    if changes:
+        # The record says what is trained from here on: config.json takes the new values, and
+        # metrics.jsonl says which changed, from which step.
+        save_config(cfg, run_dir)
+        metrics.record({"kind": "config_change", "step": step, "tokens": tokens_at(step),
+                        "elapsed_s": elapsed,
+                        "changes": {key: list(change) for key, change in changes.items()}})
+        log(f"resuming with a changed config: {describe_changes(changes)}")
     batches = TrainBatches(data.train, tc.batch_size, tc.seq_len, tc.seed)
     forward = torch.compile(model) if tc.compile else model
     n_params, n_active = model.num_params(), model.num_params(active_only=True)
@@ -207,7 +275,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     def save(at_step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng_cpu": torch.get_rng_state(), "step": at_step, "elapsed_s": elapsed,
-                 "nonfinite": nonfinite, "tokens": at_step * tc.tokens_per_step}
+                 "nonfinite": nonfinite, "tokens": tokens_at(at_step)}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         with masters.full_precision() if masters else contextlib.nullcontext():
@@ -264,7 +332,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
             if skipped or step % tc.log_every == 0 or step == total:
                 tokens_per_s = window_tokens / max(window_time, 1e-9)
                 window_tokens, window_time = 0, 0.0
-                row = {"kind": "train", "step": step, "tokens": step * tc.tokens_per_step,
+                row = {"kind": "train", "step": step, "tokens": tokens_at(step),
                        "elapsed_s": elapsed, "train_loss": train_loss, "aux_loss": aux_sum.item(),
                        "lr": lr, "grad_norm": grad_norm_f, "tokens_per_s": tokens_per_s,
                        "other_cpu_share": load.lap().other_cpu_share}
@@ -287,7 +355,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
                         "Lower train.lr, raise train.warmup_steps, or check the data")
             if step % tc.eval_every == 0 or step == total:
                 final_eval = evaluate_now()
-                metrics.write({"kind": "eval", "step": step, "tokens": step * tc.tokens_per_step,
+                metrics.write({"kind": "eval", "step": step, "tokens": tokens_at(step),
                                "elapsed_s": elapsed, **final_eval.as_dict()})
                 progress.write(f"step {step}: val loss {final_eval.loss:.4f}, "
                                f"bits/byte {final_eval.bits_per_byte:.4f}")
@@ -299,16 +367,6 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     if final_eval is None:  # resumed at the end: nothing left to train
         final_eval = evaluate_now()
     return TrainResult(run_dir, step, final_eval, tokens_per_s)
-
-
-def _with_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
-    """``cfg`` with the saved run's vocab size, so an automatic (0) vocab compares equal."""
-    import copy
-
-    other = copy.deepcopy(cfg)
-    if other.model.vocab_size == 0:
-        other.model.vocab_size = vocab_size
-    return other
 
 
 def _progress_bar(enabled: bool, total: int, initial: int) -> Any:

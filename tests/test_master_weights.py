@@ -26,8 +26,9 @@ PRESETS = ["dense_small", "switch", "mot", "altup"]
 def _metrics(run_dir: Path) -> list[tuple[int, str, float]]:
     out = []
     for row in read_metrics(run_dir):
-        key = "train_loss" if row["kind"] == "train" else "val_loss"
-        out.append((row["step"], key, row[key]))
+        if row["kind"] in ("train", "eval"):  # not a resume's config_change row
+            key = "train_loss" if row["kind"] == "train" else "val_loss"
+            out.append((row["step"], key, row[key]))
     return out
 
 

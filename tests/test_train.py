@@ -93,7 +93,7 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_still_loads(straight
     newest = list_checkpoints(run_dir)[-1]
     weights = newest.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.*--resume .*step_00000015"):
+    with pytest.raises(CheckpointError, match="truncated.*--checkpoint .*step_00000015"):
         load_run(run_dir)
     previous = list_checkpoints(run_dir)[-2]
     assert load_run(run_dir, checkpoint=previous.path).checkpoint.step == 15
