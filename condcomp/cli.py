@@ -72,15 +72,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from condcomp.data import StreamDecoder
-    from condcomp.generate import Sampling, generate
+    from condcomp.generate import Sampling, encode_prompt, generate
     from condcomp.runs import load_run
     from condcomp.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    prompt_ids = run.tokenizer.encode(args.prompt)
+    prompt_ids = encode_prompt(run.tokenizer, args.prompt)
     stream = StreamDecoder(run.tokenizer)
-    sys.stdout.write(args.prompt)
+    # The prompt as its tokens read back: bytes that are not UTF-8 show as U+FFFD, where
+    # printing them as given would fail.
+    sys.stdout.write(run.tokenizer.decode(prompt_ids))
 
     def emit(token_id: int) -> None:
         sys.stdout.write(stream.push(token_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from condcomp.ranges import range_of, ranged
 # Below this temperature sampling is greedy: greedy is the limit as the temperature falls,
 # and near zero logits / temperature would overflow float32 into NaN probabilities.
 GREEDY_BELOW = 1e-4
+
+if TYPE_CHECKING:
+    from condcomp.data import Tokenizer
 
 
 @dataclass
@@ -76,6 +80,32 @@ def compile_decode_step(model: TransformerLM, mode: str | None = None) -> Callab
     token skip a block); then the step compiles into the pieces between those decisions."""
     one_graph = not any(getattr(m, "decides_on_host", False) for m in model.modules())
     return torch.compile(decode_one_token, mode=mode, fullgraph=one_graph)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids. A command line that is not UTF-8 reaches Python with each byte
+    it cannot decode as a lone surrogate (PEP 383): the byte tokenizer encodes those bytes as
+    they were; a BPE tokenizer encodes text, and refuses them."""
+    try:
+        if tokenizer.kind == "byte" or not _has_surrogates(prompt):
+            return tokenizer.encode(prompt)
+    except UnicodeEncodeError:
+        pass
+    index = next(i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff")
+    raw = ord(prompt[index])
+    what = (f"byte 0x{raw - 0xDC00:02x} (not UTF-8)" if 0xDC80 <= raw <= 0xDCFF
+            else f"U+{raw:04X} (a lone surrogate)")
+    raise GenerationError(f"the prompt holds {what} at character {index}; this run's "
+                          f"{tokenizer.kind} tokenizer encodes text, so give the prompt as UTF-8 "
+                          "text")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, context: int) -> None:

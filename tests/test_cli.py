@@ -24,6 +24,7 @@ def test_python_dash_m_and_help():
     (["train", "--config", "configs/nope.toml"], "config file configs/nope.toml does not exist"),
     (["train", "--config", "dense_tiny", "--set", "data.corpus=/no/such/path"],
      "/no/such/path"),
+    (["train", "--config", "tests"], "config file tests is a directory, not a TOML file"),
     (["eval", "/no/such/run"], "is not a run directory"),
     (["generate", "/no/such/run", "--prompt", "hi"], "is not a run directory"),
 ])

@@ -262,6 +262,26 @@ def test_a_single_document_is_split_into_chunks(tmp_path):
     assert names[:2] == ["one.txt#0", "one.txt#1"]
 
 
+def test_a_single_document_without_line_breaks_is_cut_anywhere(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("abcdefgh " * 40_000)  # 360 KB, no newline
+    plan = plan_split(Corpus(str(path)), 0.1)
+    units = [unit.text for unit in plan.units(Corpus(str(path)))]
+    assert plan.chunked and len(units) == 6 and "".join(units) == path.read_text()
+
+
+def test_a_corpus_that_is_not_utf8_is_read_with_a_warning_naming_it(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(make_text(i), encoding="utf-8")
+    (root / "latin.txt").write_bytes("café naïve résumé\n".encode("latin-1") * 10)
+    logged: list[str] = []
+    prepare_data(data_cfg(tmp_path, root), log=logged.append)
+    (warning,) = [line for line in logged if "not UTF-8" in line]
+    assert "1 file(s)" in warning and "latin.txt (40)" in warning and "iconv" in warning
+
+
 def test_a_tiny_single_document_cannot_be_split(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("just one short line\n")
@@ -314,6 +334,20 @@ def test_bpe_encodes_a_literal_eos_string_as_text(bpe):
     ids = bpe.encode("a <|endoftext|> b")
     assert bpe.eos_id not in ids
     assert bpe.decode(ids) == "a <|endoftext|> b"
+
+
+def test_a_prompt_with_bytes_that_are_not_utf8(bpe):
+    from condcomp.errors import GenerationError
+    from condcomp.generate import encode_prompt
+
+    # What Python makes of the command-line bytes b"caf\xe9!" (PEP 383).
+    prompt = b"caf\xe9!".decode("utf-8", errors="surrogateescape")
+    assert encode_prompt(ByteTokenizer(), prompt) == list(b"caf\xe9!")
+    with pytest.raises(GenerationError, match=r"byte 0xe9 \(not UTF-8\) at character 3"):
+        encode_prompt(bpe, prompt)
+    with pytest.raises(GenerationError, match=r"U\+D800 \(a lone surrogate\)"):
+        encode_prompt(ByteTokenizer(), "x\ud800")
+    assert encode_prompt(bpe, "café") == bpe.encode("café")
 
 
 def test_load_tokenizer_without_a_file_raises_data_error(tmp_path):

@@ -393,3 +393,14 @@ def test_a_truncated_config_json_is_one_line(run_copy, corpus, capsys):
     for args in (["eval", str(run_copy)], ["generate", str(run_copy), "--prompt", "the"],
                  train_args(corpus, run_copy, "--resume")):
         assert "config.json is damaged" in one_line_error(capsys, main(args))
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def test_a_prompt_that_is_not_utf8_is_encoded_as_its_bytes(trained, capsys):
+    # What Python makes of the command-line bytes b"the \xff quick" (PEP 383).
+    prompt = b"the \xff quick".decode("utf-8", errors="surrogateescape")
+    assert main(["generate", str(trained[0]), "--prompt", prompt, "--max-new-tokens", "5",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the \ufffd quick")

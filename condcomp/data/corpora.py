@@ -12,9 +12,11 @@ A spec is ``"shakespeare"`` (the texts shipped by the ``shakespeare`` package) o
   streamed in archive order (binary and hidden members skipped).
 
 Bytes are decoded as UTF-8 with ``errors="replace"``, but only after a binary check: data whose
-first 8 KiB hold a NUL byte is binary. Documents with no visible text are skipped, and a corpus
-left with none raises :class:`DataError`. Iteration is deterministic and a :class:`Corpus` can
-be iterated several times (the data pipeline reads it once to split it, again to tokenize it).
+first 8 KiB hold a NUL byte is binary. Documents that are not UTF-8 are counted in
+:attr:`Corpus.not_utf8`, and the data pipeline warns about them. Documents with no visible
+text are skipped, and a corpus left with none raises :class:`DataError`. Iteration is
+deterministic and a :class:`Corpus` can be iterated several times (the data pipeline reads
+it once to split it, again to tokenize it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import BinaryIO
 from condcomp.errors import DataError
 
 SHAKESPEARE = "shakespeare"
+REPLACEMENT = "\ufffd"
 SNIFF_BYTES = 8192  # a NUL byte within this many leading bytes marks data as binary
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar")
 SPEC_HINT = (
@@ -67,22 +70,31 @@ def has_text(text: str) -> bool:
     return bool(text) and not text.isspace()
 
 
-def iter_pieces(text: str, target_chars: int) -> Iterator[str]:
+def iter_pieces(text: str, target_chars: int, limit_chars: int | None = None) -> Iterator[str]:
     """Cut ``text`` at line boundaries into pieces of about ``target_chars`` characters or more.
 
     Each cut is the first suitable newline at or after ``target_chars`` characters into the
     current piece (see ``_CLEAN_CUT``); text without newlines stays whole. Used to bound memory
     when encoding huge documents and to split a one-document corpus into chunks.
+
+    ``limit_chars``: where no newline comes before this many characters into the piece (or
+    before the end of the text), cut at ``target_chars`` anyway: a chunk of a document without
+    line breaks. That cut may fall inside a word, so it is not for encoding.
     """
     start = 0
     while len(text) - start > target_chars:
-        match = _CLEAN_CUT.search(text, start + target_chars) or _ANY_CUT.search(
-            text, start + target_chars
-        )
-        if match is None or match.end() >= len(text):
+        window = (start + target_chars, len(text) if limit_chars is None else start + limit_chars)
+        match = _CLEAN_CUT.search(text, *window) or _ANY_CUT.search(text, *window)
+        if match is not None:
+            end = match.end()
+        elif limit_chars is not None:
+            end = start + target_chars
+        else:
             break
-        yield text[start : match.end()]
-        start = match.end()
+        if end >= len(text):
+            break
+        yield text[start:end]
+        start = end
     yield text[start:] if start else text
 
 
@@ -98,12 +110,16 @@ class Corpus:
         self.text_field = text_field
         self.kind, self.path = _resolve(spec)
         self.skipped_binary = 0  # binary files (or members) skipped during the last pass
+        # Documents that are not UTF-8 (Latin-1, say), read during the last pass: file name ->
+        # how many undecodable byte sequences became U+FFFD.
+        self.not_utf8: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"Corpus({self.spec!r}, kind={self.kind!r})"
 
     def __iter__(self) -> Iterator[Document]:
         self.skipped_binary = 0
+        self.not_utf8 = {}
         readers: dict[str, Callable[[], Iterator[Document]]] = {
             "shakespeare": self._read_shakespeare,
             "text": self._read_text_file,
@@ -133,7 +149,7 @@ class Corpus:
                 key=lambda entry: entry.name,
             )
             for entry in entries:
-                yield Document(entry.name, _decode(entry.read_bytes()))
+                yield Document(entry.name, self._decode(entry.name, entry.read_bytes()))
         except OSError as exc:
             raise DataError(
                 f"cannot read the shakespeare texts in {texts}: {exc}; reinstall them: "
@@ -147,7 +163,7 @@ class Corpus:
                 f"corpus file {self.path} looks binary (NUL bytes in the first 8 KiB); give a "
                 "text file (UTF-8), a directory of text files, .jsonl, .parquet or .tar.gz/.tar.xz"
             )
-        yield Document(self.path.name, _decode(data))
+        yield Document(self.path.name, self._decode(self.path.name, data))
 
     def _read_directory(self) -> Iterator[Document]:
         for path in _walk_files(self.path):
@@ -155,13 +171,14 @@ class Corpus:
             if data is None:
                 self.skipped_binary += 1
                 continue
-            yield Document(path.relative_to(self.path).as_posix(), _decode(data))
+            name = path.relative_to(self.path).as_posix()
+            yield Document(name, self._decode(name, data))
 
     def _read_jsonl(self) -> Iterator[Document]:
         field = self.text_field
         with _open(self.path) as lines:
             for lineno, raw in enumerate(lines, start=1):
-                line = raw.decode("utf-8", errors="replace").strip()
+                line = self._decode(self.path.name, raw).strip()
                 if not line:
                     continue  # blank lines (a trailing newline, say) carry no document
                 where = f"corpus {self.path} line {lineno}"
@@ -237,7 +254,7 @@ class Corpus:
                     if is_binary(data):
                         self.skipped_binary += 1
                         continue
-                    yield Document(member.name, _decode(data))
+                    yield Document(member.name, self._decode(member.name, data))
         except (tarfile.TarError, EOFError, OSError) as exc:
             if isinstance(exc, PermissionError):
                 raise _unreadable(self.path) from None
@@ -245,6 +262,23 @@ class Corpus:
                 f"archive {self.path} is corrupt or truncated ({exc}); re-create it, or "
                 "unpack it and point data.corpus at the directory"
             ) from None
+
+    def _decode(self, name: str, data: bytes) -> str:
+        text, replaced = decode_counting(data)
+        if replaced:
+            self.not_utf8[name] = self.not_utf8.get(name, 0) + replaced
+        return text
+
+    def not_utf8_message(self) -> str:
+        """A warning naming the documents of the last pass that were not UTF-8; "" if none."""
+        if not self.not_utf8:
+            return ""
+        names = sorted(self.not_utf8)
+        listed = ", ".join(f"{name} ({self.not_utf8[name]:,})" for name in names[:3])
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return (f"{len(names)} file(s) of {self.spec} are not UTF-8; their undecodable bytes "
+                f"became U+FFFD (count per file): {listed}{more}; convert them to UTF-8, e.g. "
+                "iconv -f latin1 -t utf-8")
 
     # ------------------------------------------------------------------------- messages
 
@@ -311,8 +345,14 @@ def _resolve(spec: str) -> tuple[str, Path]:
     return "text", path
 
 
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace")
+def decode_counting(data: bytes) -> tuple[str, int]:
+    """``data`` as UTF-8 text, each undecodable byte sequence replaced by U+FFFD, and how many
+    were replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
 
 
 def _scrub_surrogates(text: str) -> str:

@@ -71,6 +71,8 @@ def prepare_data(
     plan = plan_split(corpus, cfg.val_fraction)
     if corpus.skipped_binary:
         log(f"data: skipped {corpus.skipped_binary} binary files in {cfg.corpus}")
+    if corpus.not_utf8:
+        log(f"data: warning: {corpus.not_utf8_message()}")
     cache_root = Path(cfg.cache_dir)
     if tokenizer is None:
         tokenizer = _make_tokenizer(cfg, corpus, plan, cache_root, log)

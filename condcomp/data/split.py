@@ -6,7 +6,8 @@ split therefore depends only on the corpus, not on the tokenizer, file order or 
 document is never in both splits.
 
 Fallback for a corpus of one document: it is cut into chunks of about 64 KiB at line
-boundaries (named ``NAME#0``, ``NAME#1``, ...), and the chunks are split the same way.
+boundaries (named ``NAME#0``, ``NAME#1``, ...), and the chunks are split the same way. Where no
+line break comes within 128 KiB (or before the end), a chunk is cut at 64 KiB.
 
 The pass that computes the keys also yields the corpus fingerprint (a sha256 over all keys in
 corpus order) that names the token cache. Later passes re-check every key through
@@ -50,7 +51,7 @@ def iter_units(corpus: Iterable[Document], chunked: bool) -> Iterator[Document]:
         if not chunked:
             yield doc
             continue
-        for index, piece in enumerate(iter_pieces(doc.text, CHUNK_CHARS)):
+        for index, piece in enumerate(iter_pieces(doc.text, CHUNK_CHARS, 2 * CHUNK_CHARS)):
             if has_text(piece):
                 yield Document(f"{doc.name}#{index}", piece)
 
@@ -108,8 +109,8 @@ def plan_split(corpus: Corpus, val_fraction: float) -> SplitPlan:
         if len(keys) < 2:
             raise DataError(
                 f"corpus too small to hold out validation data: {corpus.spec} is a single "
-                f"document that does not cut into 2 chunks of about {CHUNK_CHARS // 1024} KiB "
-                "at line breaks; add more text or more documents"
+                f"document that does not cut into 2 chunks of about {CHUNK_CHARS // 1024} KiB; "
+                "add more text or more documents"
             )
     n_val = val_count(len(keys), val_fraction)
     # A stable sort breaks ties (identical units) by corpus order, so the split stays a pure

@@ -78,7 +78,9 @@ class ByteTokenizer(Tokenizer):
     eos_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        # surrogateescape: bytes that were not UTF-8 where the text came from (a command line,
+        # a file name; PEP 383) are encoded as the bytes they were.
+        return list(text.encode("utf-8", errors="surrogateescape"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]

@@ -60,6 +60,10 @@ class _Collection:
         found = self.builtin(text)
         if found is not None:
             return found
+        if (relative_to is None or isinstance(relative_to, Path)) and path.is_dir():
+            where = f" (relative to {relative_to})" if relative_to is not None else ""
+            raise ConfigError(f"{self.file_noun} {text} is a directory{where}, not a TOML file; "
+                              "name the .toml file itself")
         raise ConfigError(self._unknown(text, relative_to))
 
     def _unknown(self, name: str, relative_to: Source | None) -> str:
