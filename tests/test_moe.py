@@ -189,6 +189,20 @@ def test_padding_does_not_count():
     torch.testing.assert_close(moe.aux_loss, ref.aux_loss)
 
 
+@pytest.mark.parametrize("options", [dict(top_k=2, capacity_factor=1.25),
+                                     dict(num_noop_experts=1),
+                                     dict(routing_mode="expert_choice", capacity_factor=1.0)])
+def test_an_all_padding_batch_has_zero_statistics_not_nan(options):
+    moe = make_moe(**options)
+    for training in (True, False):
+        moe.train(training)
+        moe(torch.randn(2, 5, 16), padding_mask_BT=torch.zeros(2, 5, dtype=torch.bool))
+        assert all(torch.as_tensor(value).isfinite().all() for value in moe.stats.values())
+        for key in ("dropped_fraction", "router_entropy", "noop_fraction"):
+            assert float(moe.stats.get(key, 0.0)) == 0.0, key
+        assert moe.aux_loss.item() == 0
+
+
 # --------------------------------------------------------------- gradients and NaN
 
 

@@ -230,10 +230,16 @@ class MoE(nn.Module):
         with torch.no_grad():
             kept_N = choice.kept_TK.reshape(-1).float()
             load_E = routing.count_per_expert(choice.expert_ids_TK, E, kept_N)
-            n_slots = choice.kept_TK.numel() if valid_T is None else valid_T.sum() * k
-            noop = noop_TK.float().sum()
+            if valid_T is None:
+                n_slots = choice.kept_TK.numel()
+                noop = noop_TK.float().sum()
+            else:  # real tokens only; an all-padding batch has none, and shares of 0
+                n_slots = (valid_T.sum() * k).clamp_min(1)
+                noop = (noop_TK & valid_T.unsqueeze(1)).float().sum()
             # Dropped: slots lost to capacity (a slot sent to a no-op expert is not dropped).
             dropped = 1.0 - (kept_N.sum() + noop) / n_slots
+            if valid_T is not None:
+                dropped = torch.where(valid_T.any(), dropped, 0.0)
         return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots)
 
     def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
@@ -251,7 +257,8 @@ class MoE(nn.Module):
         chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
         chosen_T[token_idx_EC.reshape(-1)] = True
         real_T = chosen_T if valid_T is None else chosen_T[valid_T]
-        dropped = 1.0 - real_T.float().mean()
+        dropped = (1.0 - real_T.float().mean() if real_T.numel()  # no real token: none dropped
+                   else y_TD.new_zeros((), dtype=torch.float32))
         zero = y_TD.new_zeros((), dtype=torch.float32)
         # Balanced by construction: no balance loss, and no bias to nudge.
         return _Dispatched(y_TD, load_E, load_E, dropped, zero, zero)

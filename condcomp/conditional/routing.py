@@ -193,5 +193,7 @@ def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) 
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the routing distribution, in nats (log E when uniform)."""
-    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1).mean()
+    """Mean entropy of the routing distribution, in nats (log E when uniform); 0 for no
+    tokens (an all-padding batch), not the NaN of an empty mean."""
+    entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1)
+    return entropy_T.mean() if entropy_T.numel() else entropy_T.new_zeros(())
