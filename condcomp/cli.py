@@ -197,6 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("condcomp: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        # Sizes within their ranges can still exceed a machine's memory (d_model = 500000 is a
+        # valid width and a 1 TB matrix); that is the user's to fix, so it gets one line too.
+        if not _out_of_memory(exc):
+            raise
+        print(f"condcomp: error: out of memory ({_first_line(exc)}); the model, batch or "
+              "context is too large for this device: make it smaller, or use a device with "
+              "more memory", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` (a ``RuntimeError``) on CUDA,
+    a ``RuntimeError`` from the CPU allocator, Python's ``MemoryError``."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 if __name__ == "__main__":

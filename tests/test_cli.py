@@ -119,3 +119,28 @@ def test_a_tiny_temperature_samples_greedily():
         token = sample(logits, Sampling(temperature=temperature).validate(),
                        torch.Generator().manual_seed(0))
         assert token.item() == 1
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 274877906944 bytes."),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line(error, capsys, monkeypatch):
+    def train(cfg, **kwargs):
+        raise error
+
+    monkeypatch.setattr("condcomp.train.train", train)
+    assert main(["train", "--config", "dense_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("condcomp: error: out of memory") and err.count("\n") == 1
+    assert "too large for this device" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_user_errors(monkeypatch):
+    def train(cfg, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("condcomp.train.train", train)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--config", "dense_tiny"])
