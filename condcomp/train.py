@@ -168,6 +168,18 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
         return _train(cfg, run_dir, resume, log, allow_changes)
 
 
+def _check_own_checkpoint(run_dir: Path, path: Path) -> None:
+    """A resumed run continues its own record (config.json, metrics.jsonl), so the checkpoint
+    it resumes from must be one of its own: another run's weights would make the record lie
+    about what was trained before the resumed step."""
+    own = ckpt_lib.checkpoint_dir(run_dir).resolve()
+    if path.resolve().parent != own:
+        raise CondcompError(
+            f"--resume {path}: not a checkpoint of {run_dir} (its checkpoints are in {own}); "
+            f"name one of those, or start a new run from that checkpoint's weights with "
+            f"--set train.init_from='\"{path}\"'")
+
+
 def _train(cfg: RunConfig, run_dir: Path, resume: bool | str | Path,
            log: Callable[[str], None], allow_changes: Collection[str]) -> TrainResult:
     tc = cfg.train
@@ -187,6 +199,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool | str | Path,
         if cfg.model.vocab_size == 0:  # automatic: the vocabulary the run was trained with
             cfg.model.vocab_size = saved.model.vocab_size
         changes = check_resume(run_dir, saved, cfg, allow_changes)
+        if resume is not True:
+            _check_own_checkpoint(run_dir, Path(resume))
         ckpt = ckpt_lib.resolve_checkpoint(run_dir, None if resume is True else resume)
         tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     else:

@@ -178,6 +178,15 @@ def test_resume_names_each_refused_change(run_copy, corpus, capsys, extra, messa
     assert message in err
 
 
+def test_resume_takes_only_a_checkpoint_of_its_own_run(trained, run_copy, corpus, capsys):
+    other = list_checkpoints(trained[0])[0].path  # the same model, another run folder
+    err = one_line_error(capsys, main(train_args(corpus, run_copy, "--resume", str(other),
+                                                 steps=12)))
+    assert f"not a checkpoint of {run_copy}" in err and "train.init_from" in err
+    own = list_checkpoints(run_copy)[0].path
+    assert main(train_args(corpus, run_copy, "--resume", str(own), steps=12)) == 0
+
+
 def test_allow_change_needs_resume(run_copy, corpus, capsys):
     err = one_line_error(capsys, main(train_args(corpus, run_copy.parent / "new",
                                                  "--allow-change", "train.seed")))
