@@ -3,8 +3,8 @@
 Under bf16 autocast each forward casts every fp32 matrix weight to bf16 before its product, and
 each backward casts the bf16 weight gradient back to fp32: two memory passes over the weights
 per micro-batch, however few tokens the weights see. In an MoE layer with many experts and few
-tokens per expert those passes are most of the layer's memory traffic (docs/benchmarks.md, "8
-to 128 experts").
+tokens per expert those passes are most of the layer's memory traffic (docs/benchmarks.md, "Step
+time from 8 to 128 experts").
 
 ``train.param_dtype = "bfloat16"`` stores those weights in bf16, so the products read them as
 they are, and keeps fp32 *master* copies for the optimizer (Micikevicius et al. 2018, "Mixed

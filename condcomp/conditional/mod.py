@@ -12,7 +12,7 @@ residual is never scaled); every other token passes through unchanged.
 tokens are chosen, and the same ``sigmoid(r) > 0.5`` rule decodes) but bounded in (0, 1) and
 0.5 at initialisation. With the raw logit a routed block starts almost switched off: a small
 init gives ``|r|`` of a few thousandths, so the block's update is scaled away until the router
-has grown (see docs/benchmarks.md, "Mixture-of-Depths: the router weight").
+has grown (see docs/results.md, "Quality at fewer FLOPs per token").
 
 Top-k over a sequence looks at future tokens, so it cannot route while decoding (sec. 3.5).
 The paper's two fixes are both here (``decode_router``):
