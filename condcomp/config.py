@@ -3,7 +3,8 @@
 A config is a TOML file or the name of a built-in preset (``switch``; see
 :mod:`condcomp.presets`).
 
-A run config has three sections, ``[model]``, ``[data]`` and ``[train]``. The model names,
+A run config has three sections, ``[model]``, ``[data]`` and ``[train]``, and a fourth,
+``[dist]``, read when ``torchrun`` launches it on several processes. The model names,
 for each of the four seams of docs/design.md, the family that fills it and (for per-layer seams)
 on which layers::
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from condcomp import registry, tables
 from condcomp.devices import check_device_name
+from condcomp.distributed.options import DistConfig
 from condcomp.errors import ConfigError
 from condcomp.presets import find_preset
 from condcomp.ranges import MAX_COUNT, MAX_SEED, MAX_SIZE, MIN_SEED, ranged
@@ -214,6 +216,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)  # read under torchrun only
 
     @property
     def run_dir(self) -> Path:
@@ -224,12 +227,31 @@ class RunConfig:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.dist.validate()
+        self._check_expert_parallel()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len = {self.train.seq_len} exceeds model.max_seq_len = "
                 f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len"
             )
         return self
+
+    def _check_expert_parallel(self) -> None:
+        """An expert-parallel degree must split the experts of the FFN slot evenly."""
+        ep = self.dist.ep
+        if ep == 1:
+            return
+        options = registry.parse_options("ffn", self.model.ffn)
+        resolved = options.resolved(self.model) if hasattr(options, "resolved") else options
+        num_experts = getattr(resolved, "num_experts", None)
+        if num_experts is None:
+            raise ConfigError(f"dist.ep = {ep} shards the experts of the FFN slot, but "
+                              f"model.ffn.kind = {self.model.ffn.kind!r} has none; set "
+                              "dist.ep = 1")
+        if num_experts % ep:
+            raise ConfigError(f"dist.ep = {ep} does not divide the {num_experts} experts of "
+                              f"model.ffn; pick an expert-parallel degree that divides "
+                              f"{num_experts}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

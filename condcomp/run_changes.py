@@ -39,6 +39,9 @@ HARMLESS = frozenset({
     # follows the device: the change row records it).
     "train.device", "train.compile",
     "train.init_from",  # read only when a run starts
+    # How the run spreads over processes: a sharded checkpoint reshards to any layout. What
+    # the layout does change (routing groups are per rank) is recorded in a layout row.
+    "dist.data_parallel", "dist.ep", "dist.backend", "dist.timeout_s",
 })
 _ABSENT = "(none)"
 
