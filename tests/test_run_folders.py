@@ -345,7 +345,7 @@ def test_no_permission_for_the_run_folder_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_logging_is_one_line(corpus, tmp_path, monkeypatch, capsys):
-    import condcomp.train as train_mod
+    import condcomp.metrics_log as metrics_log_mod
 
     class Full:
         def __init__(self, *args, **kwargs):
@@ -362,7 +362,7 @@ def test_a_full_disk_while_logging_is_one_line(corpus, tmp_path, monkeypatch, ca
         def close(self):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_mod, "open", Full, raising=False)
+    monkeypatch.setattr(metrics_log_mod, "open", Full, raising=False)
     err = one_line_error(capsys, main(train_args(corpus, tmp_path / "run")))
     assert "metrics.jsonl: No space left on device (the disk is full); free some disk" in err
 

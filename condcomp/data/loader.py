@@ -45,12 +45,26 @@ class TrainBatches:
         self.seq_len = seq_len
         self.seed = seed
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch for step ``index``: ``(x, y)``, each ``[batch_size, seq_len]`` int64."""
+    def _starts(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed & SEED_MASK, index & SEED_MASK])
         # The last possible start leaves room for the one-token shift of y.
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        return _windows(self.tokens, starts, self.seq_len)
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch for step ``index``: ``(x, y)``, each ``[batch_size, seq_len]`` int64."""
+        return _windows(self.tokens, self._starts(index), self.seq_len)
+
+    def rows(self, step: int, grad_accum: int, lo: int, hi: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``lo:hi`` of the global batch of optimizer step ``step``: the ``grad_accum``
+        batches ``get(step * grad_accum + j)`` one after the other. A data-parallel rank
+        reads its slice of every step this way (:mod:`condcomp.distributed.batching`)."""
+        B = self.batch_size
+        parts = []
+        for j in range(lo // B, (hi - 1) // B + 1):
+            starts = self._starts(step * grad_accum + j)
+            parts.append(starts[max(lo - j * B, 0):min(hi - j * B, B)])
+        return _windows(self.tokens, np.concatenate(parts), self.seq_len)
 
 
 def eval_batches(

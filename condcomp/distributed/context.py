@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from condcomp.distributed.options import DistConfig
-from condcomp.errors import ConfigError
+from condcomp.errors import CondcompError, ConfigError
+
+T = TypeVar("T")
 
 # torchrun sets these for every worker it starts.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class StoppedOnMain(CondcompError):
+    """Raised on the other ranks when rank 0 stopped on a user error (rank 0 prints it)."""
 
 
 def torch_version() -> tuple[int, int]:
@@ -88,6 +95,26 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0 alone (writing the run folder), its result on every rank. A
+        :class:`CondcompError` it raises is raised on every rank, so no rank waits for a
+        main process that stopped on a user error."""
+        if not self.distributed:
+            return fn()
+        outcome: tuple[str, Any] | None = None
+        error: CondcompError | None = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except CondcompError as exc:
+                error, outcome = exc, ("error", str(exc))
+        outcome = self.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        if outcome[0] == "error":
+            raise StoppedOnMain(outcome[1])
+        return outcome[1]
 
     def describe(self) -> dict[str, Any]:
         """The layout, for the run's record."""
@@ -165,6 +192,13 @@ def context_for_group(options: DistConfig, device_type: str, local_rank: int = 0
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, ep=options.ep,
                        backend=dist.get_backend(), mesh=mesh, dp_mesh=dp_mesh,
                        options=options)
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """The device of this rank: on CUDA, the GPU of its local rank."""
+    if ctx.distributed and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
 
 
 def shutdown(ctx: DistContext) -> None:
