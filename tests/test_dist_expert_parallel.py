@@ -21,8 +21,8 @@ from condcomp.conditional.moe import MoE
 from condcomp.distributed.context import DistContext, context_for_group
 from condcomp.distributed.expert_parallel import (
     expert_major_order,
-    rank_splits,
     shard_experts,
+    split_sizes,
 )
 from condcomp.distributed.options import DistConfig
 from condcomp.errors import ConfigError
@@ -222,12 +222,13 @@ def test_rank_major_rows_become_expert_major_and_back():
     E = R * L
     counts_SE = torch.tensor([[2, 0, 1, 3, 0, 1],   # what rank s sends to each global expert
                               [0, 4, 1, 0, 2, 0]])
-    assert rank_splits(counts_SE[0], R) == [3, 4] and rank_splits(counts_SE[1], R) == [5, 2]
     # Rank s's rows, sorted by expert: each row is labelled (source rank, expert, index).
     sent = [[(s, e, i) for e in range(E) for i in range(int(counts_SE[s, e]))]
             for s in range(R)]
     for r in range(R):
         counts_RL = counts_SE[:, r * L:(r + 1) * L]  # what exchange_counts returns on rank r
+        sends, receives = split_sizes(counts_SE[r], counts_RL)
+        assert sends == [[3, 4], [5, 2]][r] and receives == [[3, 5], [4, 2]][r]
         arrived = [row for s in range(R) for row in sent[s] if r * L <= row[1] < (r + 1) * L]
         order_M, inverse_M, offsets_L = expert_major_order(counts_RL)
         by_expert = [arrived[i] for i in order_M.tolist()]

@@ -119,10 +119,17 @@ def _shard(experts: GroupedExperts, mesh, group) -> None:
 # ----------------------------------------------------------------------------- split math
 
 
-def rank_splits(counts_E: torch.Tensor, ep: int) -> list[int]:
-    """Rows per rank of the group, ``[ep]`` as a list (a host sync): rank r holds the r-th
-    block of ``E / ep`` experts, so its rows are that block's counts summed."""
-    return counts_E.view(ep, -1).sum(dim=1).tolist()
+def split_sizes(counts_E: torch.Tensor, counts_RL: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The row exchange's split sizes, ``(input_splits, output_splits)``, ``ep`` each.
+
+    ``counts_E``: this rank's rows per global expert; rank r holds the r-th block of
+    ``L = E / ep`` experts, so ``input_splits[r]`` sums that block. ``counts_RL``: what every
+    rank sends to this rank's experts (:func:`exchange_counts`), so ``output_splits[r]`` sums
+    row r. One host sync for both: all-to-all takes its splits as Python ints.
+    """
+    ep = counts_RL.shape[0]
+    both = torch.cat([counts_E.view(ep, -1).sum(dim=1), counts_RL.sum(dim=1)]).tolist()
+    return both[:ep], both[ep:]
 
 
 def expert_major_order(counts_RL: torch.Tensor
@@ -185,10 +192,10 @@ def forward_sorted_ep(experts: GroupedExperts, x_ND: torch.Tensor, counts_E: tor
     expert (dropped, no-op, padding). Returns each row's expert output in the same order,
     ``[N, D]``, zero for the rows past ``counts_E.sum()``: they never leave the rank."""
     group = experts.ep_group
-    ep = dist.get_world_size(group)
     counts_RL = exchange_counts(counts_E, group)
-    input_splits = rank_splits(counts_E, ep)
-    output_splits = counts_RL.sum(dim=1).tolist()  # host sync, as in torchtitan and megablocks
+    # The host sync of torchtitan's dispatcher ("this would incur a device-to-host sync") and
+    # megablocks' .cpu().tolist(): the collectives need the splits on the host.
+    input_splits, output_splits = split_sizes(counts_E, counts_RL)
     n_sent = sum(input_splits)
     x_recv_MD = all_to_all_rows(x_ND[:n_sent], output_splits, input_splits, group)
     order_M, inverse_M, offsets_L = expert_major_order(counts_RL)
