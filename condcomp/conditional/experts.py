@@ -12,6 +12,11 @@ Three ways to run them, one per shape of work:
   runs a batched product (decode: a few tokens, so moving k experts' weights beats sorting);
 - :meth:`GroupedExperts.forward_batched`: every expert has the same number of tokens
   ``[E, C, D]`` (expert choice), a plain batched matmul.
+
+Under expert parallelism (:func:`condcomp.distributed.expert_parallel.shard_experts`) the
+weights are DTensors sharded on the expert dimension and ``ep_group`` is set: the sorted and
+batched paths send the rows to the ranks that hold their experts and compute there on the
+local shard; the gathered path, which needs every expert locally, is not used.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.distributed.expert_parallel import forward_batched_ep, forward_sorted_ep
 from condcomp.kernels.grouped_gemm import grouped_mm
 from condcomp.kernels.permute import combine_rows, dispatch_rows
 
@@ -46,6 +52,8 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_expert)) if self.gated else None
         # Switch (sec. 3.3) uses a higher dropout inside the experts than elsewhere.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # The expert-parallel process group, set by shard_experts; None: every expert is here.
+        self.ep_group = None
         self.init_weights(0.02, 0.02)
 
     def init_weights(self, std: float, residual_std: float) -> None:
@@ -55,6 +63,16 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=residual_std)
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``w1, w2, w3`` of the experts this rank computes: all of them, or under expert
+        parallelism the local shard (``L = E / ep`` experts). Plain tensors, as torchtitan's
+        ``GroupedExperts`` does with ``to_local()``: the exchanged rows have data-dependent
+        shapes, which DTensor does not express."""
+        if self.ep_group is None:
+            return self.w1, self.w2, self.w3
+        w3 = None if self.w3 is None else self.w3.to_local()
+        return self.w1.to_local(), self.w2.to_local(), w3
+
     def _hidden(self, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
         h = _ACT[self.activation](gate)
         if up is not None:
@@ -63,19 +81,20 @@ class GroupedExperts(nn.Module):
 
     def forward_sorted(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Rows of ``x_MD`` grouped by expert (``offsets_E``: cumulative ends, the last one
-        ``M``: every row belongs to an expert)."""
-        if self.w3 is not None:
+        ``M``: every row belongs to an expert), through the experts this rank holds."""
+        w1, w2, w3 = self.local_weights()
+        if w3 is not None:
             # Gate and up projections as one grouped GEMM over [w1 | w3]: x is read once and
             # the GEMM is twice as wide (narrow fine-grained experts use the tensor cores
             # poorly). The weights stay separate parameters: their layout is the contract.
             # Under autocast they are cast before the concatenation, which then moves half
             # the bytes.
-            dtype = _compute_dtype(x_MD) or self.w1.dtype
-            w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=-1)
+            dtype = _compute_dtype(x_MD) or w1.dtype
+            w13 = torch.cat([w1.to(dtype), w3.to(dtype)], dim=-1)
             gate, up = grouped_mm(x_MD, w13, offsets_E, all_rows=True).chunk(2, dim=-1)
         else:
-            gate, up = grouped_mm(x_MD, self.w1, offsets_E, all_rows=True), None
-        return grouped_mm(self._hidden(gate, up), self.w2, offsets_E, all_rows=True)
+            gate, up = grouped_mm(x_MD, w1, offsets_E, all_rows=True), None
+        return grouped_mm(self._hidden(gate, up), w2, offsets_E, all_rows=True)
 
     def forward_dispatched(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                            weights_TK: torch.Tensor, kept_TK: torch.Tensor | None = None
@@ -84,7 +103,7 @@ class GroupedExperts(nn.Module):
         expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute each token's
         ``k`` outputs into ``sum_j weights_TK[t, j] * out[t, j]``, ``[T, D]``. ``kept_TK``
         (None: every slot is kept) marks the slots that capacity, padding or a no-op expert
-        left out; they add nothing."""
+        left out; they add nothing. Under expert parallelism they also stay on this rank."""
         from condcomp.conditional.routing import count_per_expert
 
         T, K = expert_ids_TK.shape
@@ -98,7 +117,11 @@ class GroupedExperts(nn.Module):
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         x_ND = dispatch_rows(x_TD, order_N, inverse_N, K)
-        offsets_E = torch.cumsum(count_per_expert(ids_N, E + 1)[:E], 0)
+        counts_E = count_per_expert(ids_N, E + 1)[:E]
+        if self.ep_group is not None:
+            out_ND = forward_sorted_ep(self, x_ND, counts_E)
+            return combine_rows(out_ND, weights_TK, order_N, inverse_N)
+        offsets_E = torch.cumsum(counts_E, 0)
         if kept_TK is not None:
             # Slots not kept sort to the end. The last expert's group takes them in, fed zero
             # rows, so that every row belongs to a group (the grouped kernel leaves rows outside
@@ -113,16 +136,26 @@ class GroupedExperts(nn.Module):
 
     def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
         """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""
+        if self.ep_group is not None:
+            raise RuntimeError("the gathered path needs every expert on this rank; under "
+                               "expert parallelism use forward_dispatched")
         x_N1D = x_ND.unsqueeze(1)
         gate = torch.bmm(x_N1D, self.w1[expert_ids_N].to(x_ND.dtype))
         up = torch.bmm(x_N1D, self.w3[expert_ids_N].to(x_ND.dtype)) if self.w3 is not None else None
         return torch.bmm(self._hidden(gate, up), self.w2[expert_ids_N].to(x_ND.dtype)).squeeze(1)
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """Expert e on its own ``C`` tokens, ``x_ECD[e]``."""
-        gate = torch.bmm(x_ECD, self.w1.to(x_ECD.dtype))
-        up = torch.bmm(x_ECD, self.w3.to(x_ECD.dtype)) if self.w3 is not None else None
-        return torch.bmm(self._hidden(gate, up), self.w2.to(x_ECD.dtype))
+        """Expert e on its own ``C`` tokens, ``x_ECD[e]`` (E: every expert, wherever it is)."""
+        if self.ep_group is not None:
+            return forward_batched_ep(self, x_ECD)
+        return self.forward_batched_local(x_ECD)
+
+    def forward_batched_local(self, x_LCD: torch.Tensor) -> torch.Tensor:
+        """Local expert l on its own ``C`` tokens, ``x_LCD[l]``."""
+        w1, w2, w3 = self.local_weights()
+        gate = torch.bmm(x_LCD, w1.to(x_LCD.dtype))
+        up = torch.bmm(x_LCD, w3.to(x_LCD.dtype)) if w3 is not None else None
+        return torch.bmm(self._hidden(gate, up), w2.to(x_LCD.dtype))
 
     def flops_per_expert_token(self) -> float:
         """Forward FLOPs for one token through one expert."""

@@ -23,6 +23,9 @@ token's output never depends on the other tokens in the batch.
 
 Balance: Switch's load-balancing loss, ST-MoE's router z-loss, and the aux-loss-free router
 bias of DeepSeek-V3 (updated after each optimizer step from the loads, outside the loss).
+
+Expert parallelism (``condcomp.distributed.expert_parallel``) splits the experts over ranks;
+routing, capacity, the losses and the statistics stay per rank, on the rank's own tokens.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class MoE(nn.Module):
     ``shared_experts`` (a dense :class:`MLP`) when asked for. After each forward, ``aux_loss``
     holds the weighted balance losses and ``stats`` the routing statistics.
     """
+
+    # condcomp.distributed.expert_parallel.shard_experts may split this layer's experts over
+    # ranks: its forward sends tokens through GroupedExperts' sorted and batched paths only.
+    supports_expert_parallel = True
 
     def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int = 1, *,
                  routing_mode: str = "token_choice", normalize_topk: bool = False,
@@ -219,7 +226,11 @@ class MoE(nn.Module):
                 choice = routing.reroute_overflow(choice, probs_TE, capacity, valid_T)
 
         T = x_TD.shape[0]
-        if not self.training and T * k <= GATHER_MAX_SLOTS:
+        # Under expert parallelism, the dispatch path even for a few tokens: gathering needs
+        # every expert's weights here, and every rank must join the layer's exchanges.
+        gather = (not self.training and T * k <= GATHER_MAX_SLOTS
+                  and self.experts.ep_group is None)
+        if gather:
             out_NK = self.experts.forward_gathered(
                 x_TD.repeat_interleave(k, dim=0), choice.expert_ids_TK.reshape(-1))
             y_TD = weighted_sum(out_NK.view(T, k, -1), choice.weights_TK)
@@ -264,6 +275,13 @@ class MoE(nn.Module):
         return _Dispatched(y_TD, load_E, load_E, dropped, zero, zero)
 
     # ------------------------------------------------------------------ outside the loss
+
+    def pending_load(self) -> torch.Tensor | None:
+        """The slots per choice counted since the last bias update, ``[E + N]``, which a
+        data-parallel run sums over ranks in place before :meth:`after_optimizer_step` so that
+        every rank moves its bias alike (``TransformerLM.after_optimizer_step``); None when the
+        layer keeps no such count."""
+        return self._load_since_update if self.bias_update_rate > 0 else None
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

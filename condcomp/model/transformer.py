@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,10 +118,28 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Let layers update state that lives outside the loss (the aux-loss-free router bias
-        of an MoE). The train loop calls this after every applied update."""
+        of an MoE). The train loop calls this after every applied update, on every rank."""
+        self._sum_pending_loads_over_ranks()
         for module in self.modules():
             if module is not self and hasattr(module, "after_optimizer_step"):
                 module.after_optimizer_step()
+
+    def _sum_pending_loads_over_ranks(self) -> None:
+        """The aux-loss-free bias moves by the global batch's loads (DeepSeek-V3 sec. 2.1.2),
+        and must move alike on every rank: one all-reduce (sum) of every MoE layer's counts,
+        concatenated, per step (torchtitan's ``_update_expert_bias``). A single process, or a
+        model without such counts, communicates nothing."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        loads = [m.pending_load() for m in self.modules()
+                 if m is not self and hasattr(m, "pending_load")]
+        loads = [load for load in loads if load is not None]
+        if not loads:
+            return
+        flat = torch.cat([load.reshape(-1) for load in loads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for load, summed in zip(loads, flat.split([load.numel() for load in loads])):
+            load.copy_(summed.view_as(load))
 
     # ------------------------------------------------------------------ decoding
 
