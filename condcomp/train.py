@@ -39,6 +39,7 @@ from condcomp.runs import (
     METRICS_FILE,
     TB_DIR,
     TOKENIZER_DIR,
+    load_weights,
     parse_metrics,
     read_config,
     remove_leftovers,
@@ -231,7 +232,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool | str | Path,
         source = Path(tc.init_from)
         init = ckpt_lib.resolve_checkpoint(source, None) if (source / "checkpoints").is_dir() \
             else ckpt_lib.resolve_checkpoint(source.parent.parent, source)
-        ckpt_lib.load_checkpoint(init, model, map_location=device)
+        load_weights(init, model, map_location=device)
         log(f"initialised the weights from {init.path}")
     state = None if ckpt is None else ckpt_lib.load_checkpoint(ckpt, model, run_dir,
                                                                  map_location=device)
