@@ -12,6 +12,11 @@ mid-write (SIGKILL included) never leaves a half checkpoint that looks complete;
 into the folder deletes such leftovers (:func:`remove_leftovers`). Loading checks the manifest:
 a truncated or corrupt checkpoint is refused with a message naming the previous one, and a
 checkpoint of another model with one naming the weights whose shapes differ.
+
+A run launched by ``torchrun`` writes *sharded* checkpoints into the same folders
+(:mod:`condcomp.distributed.checkpoint`; its manifest says ``"layout": "sharded"``). Listing,
+resolving and verifying treat both alike; :func:`load_checkpoint` reads the single-process
+layout only, and ``condcomp.runs.load_weights`` reads the weights of either.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import torch
@@ -33,6 +38,9 @@ from condcomp.errors import CheckpointError, storage_error
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
+SHARDED = "sharded"  # the manifest's "layout" of a sharded checkpoint; absent: single-process
+# What a sharded manifest must list: the loop counters and DCP's index of the shards.
+SHARDED_REQUIRED = (STATE_FILE, "dcp/.metadata")
 _PREFIX = "step_"
 TMP_PREFIX = ".tmp-"  # a checkpoint being written, renamed to step_XXXXXXXX when complete
 
@@ -62,6 +70,17 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives once complete."""
+    return checkpoint_dir(run_dir) / f"{_PREFIX}{step:08d}"
+
+
+def tmp_folder(final: Path) -> Path:
+    """A folder to write the checkpoint ``final`` into before renaming it into place; its name
+    marks it as a leftover for :func:`remove_leftovers` should the writer die."""
+    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
                     keep_last: int) -> Path:
     """Write a checkpoint atomically, then delete all but the newest ``keep_last``.
@@ -69,35 +88,45 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
     A write that fails (a full disk, say) leaves the earlier checkpoints as they were and raises
     a :class:`StorageError` naming the latest good one."""
     root = checkpoint_dir(run_dir)
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    final = step_folder(run_dir, step)
+    tmp = tmp_folder(final)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
-        _save_state(state, tmp / STATE_FILE)
+        save_state_file(state, tmp / STATE_FILE)
         for name in (MODEL_FILE, STATE_FILE):
             _fsync(tmp / name)
         manifest = {"format": FORMAT_VERSION, "step": step,
-                    "files": {name: _describe(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
-        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-        _move_into_place(tmp, final)
-        _fsync_dir(root)
+                    "files": {name: describe_file(tmp / name)
+                              for name in (MODEL_FILE, STATE_FILE)}}
+        write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        move_into_place(tmp, final)
+        fsync_dir(root)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        good = list_checkpoints(run_dir)
-        latest = (f"the latest good checkpoint is {good[-1].path}, which --resume continues "
-                  "from once the disk has room" if good else
-                  "no checkpoint of this run was written yet")
-        raise storage_error(exc, f"cannot write checkpoint {final}", latest) from None
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        raise storage_error(exc, f"cannot write checkpoint {final}",
+                            latest_good_hint(run_dir)) from None
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 
-def _save_state(state: dict[str, Any], path: Path) -> None:
+def latest_good_hint(run_dir: Path) -> str:
+    """What is left to resume from after a failed checkpoint write, for its message."""
+    good = list_checkpoints(run_dir)
+    return (f"the latest good checkpoint is {good[-1].path}, which --resume continues from "
+            "once the disk has room" if good else "no checkpoint of this run was written yet")
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
+def save_state_file(state: dict[str, Any], path: Path) -> None:
     # Through a Python file, so that a failed write (a full disk) surfaces as the OSError that
     # says why; torch raises a RuntimeError about its zip writer while handling it.
     with open(path, "wb") as f:
@@ -109,7 +138,7 @@ def _save_state(state: dict[str, Any], path: Path) -> None:
             raise
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``. The same step saved again (a resumed run) replaces it, and
     the old copy is deleted only once the new one is in place."""
     if not final.exists():
@@ -166,18 +195,55 @@ def resolve_checkpoint(run_dir: Path, path: str | Path | None = None,
     return found[-1]
 
 
-def verify_checkpoint(ckpt: Checkpoint, run_dir: Path | None = None,
-                      flag: str = "--resume") -> None:
-    """Check every file against the manifest; raise a :class:`CheckpointError` naming the
-    previous checkpoint, which stays usable, if anything is missing, truncated or altered."""
+def read_manifest(ckpt: Checkpoint) -> dict[str, Any]:
+    """The checkpoint's manifest; OSError or ValueError if unreadable."""
+    manifest = json.loads((ckpt.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"it holds a {type(manifest).__name__}, not a table")
+    return manifest
+
+
+def is_sharded(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` was written by several processes (condcomp.distributed.checkpoint).
+    An unreadable manifest counts as single-process, whose loading reports it."""
     try:
-        manifest = json.loads((ckpt.path / MANIFEST_FILE).read_text(encoding="utf-8"))
-        files = {name: (int(manifest["files"][name]["bytes"]),
-                        str(manifest["files"][name]["sha256"]))
-                 for name in (MODEL_FILE, STATE_FILE)}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return read_manifest(ckpt).get("layout") == SHARDED
+    except (OSError, ValueError):
+        return False
+
+
+def _listed_files(manifest: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """Each file the manifest vouches for: its path in the checkpoint, size and SHA-256."""
+    if manifest.get("layout") == SHARDED:
+        names = list(manifest["files"])
+        for name in names:
+            # Paths inside the checkpoint only: a manifest must not send the check elsewhere.
+            if not isinstance(name, str) or PurePosixPath(name).is_absolute() or \
+                    ".." in PurePosixPath(name).parts:
+                raise ValueError(f"it lists {name!r}, which is not a path inside the checkpoint")
+        for name in SHARDED_REQUIRED:
+            if name not in names:
+                raise ValueError(f"it does not list {name}")
+    else:
+        names = [MODEL_FILE, STATE_FILE]
+    return {name: (int(manifest["files"][name]["bytes"]), str(manifest["files"][name]["sha256"]))
+            for name in names}
+
+
+def verify_checkpoint(ckpt: Checkpoint, run_dir: Path | None = None,
+                      flag: str = "--resume", share: tuple[int, int] = (0, 1)) -> None:
+    """Check every file against the manifest; raise a :class:`CheckpointError` naming the
+    previous checkpoint, which stays usable, if anything is missing, truncated or altered.
+
+    ``share = (i, n)`` checks every n-th file from the i-th only (in name order), so that n
+    processes can split the hashing of a large sharded checkpoint between them."""
+    try:
+        files = _listed_files(read_manifest(ckpt))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         _corrupt(ckpt, run_dir, f"its manifest is unreadable ({exc})", flag)
-    for name, (n_bytes, sha256) in files.items():
+    index, count = share
+    for name in sorted(files)[index::count]:
+        n_bytes, sha256 = files[name]
         path = ckpt.path / name
         if not path.is_file():
             _corrupt(ckpt, run_dir, f"{name} is missing", flag)
@@ -193,6 +259,11 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, run_dir: Path | None = N
                     map_location: str | torch.device = "cpu", flag: str = "--resume"
                     ) -> dict[str, Any]:
     """Verify, load the weights into ``model`` and return the training state."""
+    if is_sharded(ckpt):
+        n = read_manifest(ckpt).get("world_size", "several")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} is sharded (written by {n} processes under torchrun); "
+            "resume it under torchrun, or read its weights with condcomp eval, generate or export")
     verify_checkpoint(ckpt, run_dir, flag)
     try:
         check_same_model(ckpt, model)
@@ -206,7 +277,7 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, run_dir: Path | None = N
             parts.append(f"it lacks {_some(sorted(missing))}")
         if unexpected:
             parts.append(f"it holds {_some(sorted(unexpected))}, which this model has not")
-        raise _another_model(ckpt, " and ".join(parts))
+        raise another_model(ckpt, " and ".join(parts))
     return torch.load(ckpt.path / STATE_FILE, map_location=map_location, weights_only=True)
 
 
@@ -222,10 +293,30 @@ def check_same_model(ckpt: Checkpoint, model: nn.Module) -> None:
                 differ.append(f"{name}: checkpoint {shape}, model {expected[name]}")
     if differ:
         more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
-        raise _another_model(ckpt, "; ".join(differ[:3]) + more)
+        raise another_model(ckpt, "; ".join(differ[:3]) + more)
 
 
-def _another_model(ckpt: Checkpoint, what: str) -> CheckpointError:
+def check_same_shapes(ckpt: Checkpoint, saved: dict[str, tuple[int, ...]],
+                      expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, in one line, weights named or shaped otherwise than the model's: ``saved`` and
+    ``expected`` map each weight's name to its (global) shape."""
+    differ = [f"{name}: checkpoint {list(saved[name])}, model {list(shape)}"
+              for name, shape in expected.items() if name in saved and saved[name] != shape]
+    if differ:
+        more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise another_model(ckpt, "; ".join(differ[:3]) + more)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"it lacks {_some(missing)}")
+    if unexpected:
+        parts.append(f"it holds {_some(unexpected)}, which this model has not")
+    if parts:
+        raise another_model(ckpt, " and ".join(parts))
+
+
+def another_model(ckpt: Checkpoint, what: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {ckpt.path} is of another model (it is not corrupt): {what}; use it with "
         "the config of the run that wrote it (its config.json), or a checkpoint of this model")
@@ -252,7 +343,7 @@ def _corrupt(ckpt: Checkpoint, run_dir: Path | None, why: str, flag: str = "--re
     raise CheckpointError(f"checkpoint {ckpt.path} is corrupt: {why}; {hint}")
 
 
-def _describe(path: Path) -> dict[str, Any]:
+def describe_file(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -264,7 +355,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -276,7 +367,7 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,4 +1,4 @@
-"""``condcomp <command>``: train, eval, generate, compare, bench, presets.
+"""``condcomp <command>``: train, eval, generate, export, compare, bench, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -99,6 +99,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from condcomp.export import export_safetensors
+
+    out, ckpt = export_safetensors(args.run_dir, args.checkpoint, args.out)
+    print(f"wrote {out}: the weights of {ckpt.path} (step {ckpt.step})")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from condcomp.compare import run_suite
 
@@ -163,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights (single-process or "
+                       "sharded) as one safetensors file")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors",
+                   help="the file to write, with the tensor names of a single-process "
+                   "checkpoint's model.safetensors")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
     p.add_argument("suite", help="a suite name, e.g. demo (condcomp presets lists them), or a "

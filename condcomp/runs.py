@@ -5,7 +5,8 @@
     runs/<name>/
       config.json        the resolved config (every default filled in)
       tokenizer/         the tokenizer the run was trained with
-      checkpoints/       step_XXXXXXXX/ (see condcomp.checkpoint)
+      checkpoints/       step_XXXXXXXX/ (see condcomp.checkpoint; sharded ones, written under
+                         torchrun, see condcomp.distributed.checkpoint)
       metrics.jsonl      one JSON row per log / eval step
       tb/                TensorBoard events
 """
@@ -95,9 +96,25 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     ckpt = resolve_checkpoint(run_dir, checkpoint, flag="--checkpoint")
     model = TransformerLM(cfg.model)
-    state = load_checkpoint(ckpt, model, run_dir, flag="--checkpoint")
+    state = load_weights(ckpt, model, run_dir, flag="--checkpoint")
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, ckpt, state)
+
+
+def load_weights(ckpt: Checkpoint, model: TransformerLM, run_dir: Path | None = None,
+                 flag: str = "--resume", map_location: str | torch.device = "cpu"
+                 ) -> dict[str, Any]:
+    """The weights of ``ckpt`` into the plain ``model`` in this process, whichever layout
+    wrote it (one process, or several under torchrun); returns the training state it holds.
+    ``map_location`` is where a single-process checkpoint's tensors are read to; a sharded one
+    is read into the model's tensors wherever they are."""
+    if not ckpt_lib.is_sharded(ckpt):
+        return load_checkpoint(ckpt, model, run_dir, map_location, flag)
+    # Imported here: torch.distributed.checkpoint costs half a second at start-up, which
+    # single-process runs need not pay.
+    from condcomp.distributed.checkpoint import load_sharded_weights
+
+    return load_sharded_weights(ckpt, model, run_dir, flag)
 
 
 def warn(message: str) -> None:
