@@ -1,4 +1,4 @@
-"""``condcomp <command>``: train, eval, generate, export, compare, bench, presets.
+"""``condcomp <command>``: train, eval, generate, export, compare, bench, plan, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from condcomp import flags
 from condcomp.errors import CondcompError
+from condcomp.ranges import MAX_SIZE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +116,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from condcomp.config import load_config
+    from condcomp.plan import make_plan
+    from condcomp.plan.table import format_plan
+
+    plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from condcomp import presets
 
@@ -190,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     bench.add_parser(sub)
+
+    p = sub.add_parser("plan", help="what each rank of a run would hold (parameters, gradients, "
+                       "optimizer state, activations), send (MoE all-to-all) and compute, "
+                       "without allocating the model")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=flags.number(int, gt=0, le=MAX_SIZE), default=1,
+                   help="processes torchrun would start (1: a plain single-process run); "
+                   "the layout is the config's [dist] table, e.g. --set dist.ep=8")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("presets", help="list the built-in presets and suites, or print one")
     p.add_argument("name", nargs="?",

@@ -42,9 +42,10 @@ SEED = 20240519
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=0",
         "model.d_ff=64", "model.max_seq_len=32", "model.vocab_size=61", "train.seq_len=16",
         "train.batch_size=4"]
-# A preset's own widths of a family's parts, shrunk with the model.
+# A preset's own widths of a family's parts, shrunk with the model, and its experts (switch_c's
+# 2048 would make every case a loop over 2048 experts).
 TINY_OPTIONS = {"d_expert": 16, "d_shared": 16, "d_ff": 64, "block_size": 8, "d_lowrank": 8,
-                "predictor_hidden": 8}
+                "predictor_hidden": 8, "num_experts": 8}
 UNKNOWN_KEYS = ["model.widht", "train.lrr", "data.corpse", "nonsense", "model.ffn.nope",
                 "model.wrapper.capacity_facter", "model.residual.kk", "model.ffn.options.nope"]
 
