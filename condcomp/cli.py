@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import NoReturn
 
 from condcomp import flags
-from condcomp.errors import CondcompError
+from condcomp.errors import CondcompError, StoppedOnMain
 from condcomp.ranges import MAX_SIZE
 
 
@@ -39,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: bool | str = {None: False, "latest": True}.get(args.resume, args.resume)
     allowed = [key.strip() for item in args.allow_change for key in item.split(",") if key.strip()]
     result = train(cfg, resume=resume, allow_changes=allowed)
-    if result.final_eval is not None:
+    if result.final_eval is not None and _rank() == 0:
         e = result.final_eval
         print(f"done: {result.steps} steps in {result.run_dir}; val loss {e.loss:.4f}, "
               f"perplexity {e.perplexity:.2f}, bits/byte {e.bits_per_byte:.4f}")
@@ -229,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     flush_denormals()
     try:
         return int(args.func(args) or 0)
+    except StoppedOnMain:  # rank 0 printed why
+        return 2
     except CondcompError as exc:
-        print(f"condcomp: error: {exc}", file=sys.stderr)
+        where = f" (rank {_rank()})" if _rank() else ""
+        print(f"condcomp: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("condcomp: interrupted", file=sys.stderr)
@@ -244,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
               "context is too large for this device: make it smaller, or use a device with "
               "more memory", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 alone): one voice per job."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -34,6 +34,11 @@ class TrainingError(CondcompError):
     """Training had to stop (for example, too many non-finite losses in a row)."""
 
 
+class StoppedOnMain(CondcompError):
+    """Raised on the other ranks of a torchrun job when rank 0 stopped on a user error; rank 0
+    prints the error, so they stay quiet."""
+
+
 class StorageError(CondcompError):
     """A file or folder cannot be written or read: not a directory, no permission, disk full."""
 

@@ -30,11 +30,18 @@ from condcomp.config import RunConfig
 from condcomp.data import PreparedData, TrainBatches, load_tokenizer, prepare_data
 from condcomp.distributed.batching import rank_batch
 from condcomp.distributed.checkpoint import save_sharded
-from condcomp.distributed.context import DistContext, init_distributed, rank_device, shutdown
+from condcomp.distributed.context import (
+    SINGLE,
+    DistContext,
+    init_distributed,
+    rank_device,
+    shutdown,
+)
 from condcomp.distributed.data_parallel import (
     check_precision,
     clip_grad_norm,
     finish_gradients,
+    reshard,
     wrap_model,
 )
 from condcomp.distributed.expert_parallel import shard_experts
@@ -253,10 +260,11 @@ class Trainer:
             source = Path(tc.init_from)
             init = ckpt_lib.resolve_checkpoint(source, None) if (source / "checkpoints").is_dir() \
                 else ckpt_lib.resolve_checkpoint(source.parent.parent, source)
-            load_weights(init, model, map_location=device)
+            load_weights(init, model, SINGLE, map_location=device)
             self.log(f"initialised the weights from {init.path}")
         # The whole weights, loaded before they are sharded or copied into master weights.
-        self.state = None if ckpt is None else load_weights(ckpt, model, self.run_dir, device)
+        self.state = None if ckpt is None else load_weights(ckpt, model, ctx, self.run_dir,
+                                                            device)
         if ctx.distributed:
             # Each rank its own stream for dropout and router noise from here on.
             torch.manual_seed(tc.seed * 1_000_003 + ctx.rank)
@@ -278,10 +286,10 @@ class Trainer:
 
     def _restore(self, ckpt: ckpt_lib.Checkpoint) -> int:
         """The optimizer, schedule, RNG and counters of ``ckpt``; returns its step."""
-        state = load_training_state(ckpt, self.model, self.optimizer, self.state, self.ctx,
-                                    self.run_dir)
+        state = load_training_state(ckpt, self.model, self.optimizer, self.masters, self.state,
+                                    self.ctx, self.run_dir)
         self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("rng_cpu") is not None:
+        if not self.ctx.distributed and not state["rng_restored"] and "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"].cpu())
             if self.device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
@@ -345,20 +353,23 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         tc = self.tc
-        return evaluate(self.wrapped, self.data.val, batch_size=tc.batch_size,
-                        seq_len=tc.seq_len, max_tokens=tc.eval_tokens,
-                        bytes_per_token=self.data.val_bytes_per_token, device=self.device,
-                        dtype=self.amp_dtype, ctx=self.ctx)
+        result = evaluate(self.wrapped, self.data.val, batch_size=tc.batch_size,
+                          seq_len=tc.seq_len, max_tokens=tc.eval_tokens,
+                          bytes_per_token=self.data.val_bytes_per_token, device=self.device,
+                          dtype=self.amp_dtype, ctx=self.ctx)
+        reshard(self.model)
+        return result
 
     def save(self, at_step: int) -> Path:
-        state = {"scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "step": at_step, "elapsed_s": self.elapsed, "nonfinite": self.nonfinite,
+        state = {"scheduler": self.scheduler.state_dict(), "step": at_step,
+                 "elapsed_s": self.elapsed, "nonfinite": self.nonfinite,
                  "tokens": self.tokens_at(at_step)}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.ctx.distributed:
+        if self.ctx.distributed:  # each rank's RNG states go into its own file
             return save_sharded(self.run_dir, at_step, self.model, self.optimizer, state,
                                 self.ctx, self.tc.keep_last)
+        state["rng_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         state["optimizer"] = self.optimizer.state_dict()
         with self.masters.full_precision() if self.masters else contextlib.nullcontext():
             return ckpt_lib.save_checkpoint(self.run_dir, at_step, self.model, state,

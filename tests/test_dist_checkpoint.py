@@ -306,10 +306,12 @@ def test_a_checkpoint_of_another_model_says_so(sharded_run):
         load_sharded(resolve_checkpoint(run_dir), other, None, SINGLE, run_dir)
 
 
-def test_a_single_process_resume_refuses_a_sharded_checkpoint_in_one_line(corpus, run_copy,
-                                                                          capsys):
-    err = one_line_error(capsys, main(train_args(corpus, run_copy, "--resume", steps=8)))
-    assert "step_00000007 is sharded (written by 2 processes under torchrun)" in err
+def test_a_single_process_resumes_a_sharded_checkpoint(corpus, run_copy, capsys):
+    assert main(train_args(corpus, run_copy, "--resume", steps=9)) == 0
+    assert "resumed" in capsys.readouterr().out
+    # It goes on from step 7 in the single-file format.
+    ckpt = resolve_checkpoint(run_copy)
+    assert ckpt.step == 9 and not ckpt_lib.is_sharded(ckpt)
 
 
 # ------------------------------------------------------------------ on disk

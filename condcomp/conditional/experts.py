@@ -40,6 +40,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 class GroupedExperts(nn.Module):
     MATRIX_WEIGHTS = ("w1", "w2", "w3")  # bf16-storable (condcomp.master_weights)
+    # The entry points the MoE layer calls instead of forward() (for FSDP's hooks).
+    FSDP_FORWARD_METHODS = ("forward_dispatched", "forward_batched")
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int,
                  activation: str = "swiglu", dropout: float = 0.0) -> None:

@@ -26,16 +26,12 @@ import torch
 import torch.distributed as dist
 
 from condcomp.distributed.options import DistConfig
-from condcomp.errors import CondcompError, ConfigError
+from condcomp.errors import CondcompError, ConfigError, StoppedOnMain
 
 T = TypeVar("T")
 
 # torchrun sets these for every worker it starts.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-class StoppedOnMain(CondcompError):
-    """Raised on the other ranks when rank 0 stopped on a user error (rank 0 prints it)."""
 
 
 def torch_version() -> tuple[int, int]:
@@ -55,6 +51,7 @@ class DistContext:
     mesh: Any = None  # DeviceMesh ("efsdp", "ep"), the ranks as a (world / ep, ep) grid
     dp_mesh: Any = None  # DeviceMesh over all ranks, one dimension: data parallelism
     options: DistConfig = field(default_factory=DistConfig)
+    owns_group: bool = False  # started by init_distributed, so destroyed by shutdown
 
     @property
     def distributed(self) -> bool:
@@ -169,10 +166,13 @@ def init_distributed(options: DistConfig, device_type: str) -> DistContext:
     backend = resolve_backend(options.backend, device_type)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend=backend,
                                 timeout=datetime.timedelta(seconds=options.timeout_s))
-    return context_for_group(options, device_type, local_rank)
+    ctx = context_for_group(options, device_type, local_rank)
+    ctx.owns_group = owns_group
+    return ctx
 
 
 def context_for_group(options: DistConfig, device_type: str, local_rank: int = 0
@@ -202,5 +202,5 @@ def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()

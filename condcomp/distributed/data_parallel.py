@@ -65,7 +65,11 @@ def wrap_model(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -> 
 
 
 def _fully_shard(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -> nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
     from torch.distributed.tensor import Shard
 
     # Attributes layers set on their parameters (no_weight_decay): fully_shard replaces each
@@ -85,12 +89,25 @@ def _fully_shard(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -
                 fully_shard(module, mesh=ctx.efsdp_mesh, mp_policy=mp,
                             shard_placement_fn=None if local >= efsdp
                             else (lambda p: Shard(1)))
+                # The MoE layer calls its experts through these, not forward(): FSDP must
+                # gather their weights around them as it does around a forward.
+                for method in getattr(module, "FSDP_FORWARD_METHODS", ()):
+                    register_fsdp_forward_method(module, method)
     for layer in model.layers:
         fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=ctx.dp_mesh, mp_policy=mp)
     for name, p in model.named_parameters():
         p.__dict__.update(marks.get(name, {}))
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP keeps after a forward without backward (evaluation: the
+    root stays gathered), so that the parameters the optimizer and the checkpoint see are the
+    sharded ones again."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "unshard"):  # an FSDPModule
+            module.reshard()
 
 
 def _ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
