@@ -36,7 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from condcomp.train import train
 
     cfg = load_config(args.config, args.overrides)
-    # --resume alone means the newest checkpoint; --resume PATH a named one.
+    # --resume alone means the newest checkpoint; --resume PATH a named one; --resume auto
+    # the newest if there is one, else a new run (a job that torchrun may restart).
     resume: bool | str = {None: False, "latest": True}.get(args.resume, args.resume)
     allowed = [key.strip() for item in args.allow_change for key in item.split(",") if key.strip()]
     result = train(cfg, resume=resume, allow_changes=allowed)
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue the run from its newest checkpoint, or from CHECKPOINT")
+                   help="continue the run from its newest checkpoint, or from CHECKPOINT; "
+                   "'--resume auto' continues if the run has a checkpoint and starts it "
+                   "otherwise (for jobs torchrun restarts: torchrun --max-restarts)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY...]",
                    help="with --resume: accept new values of these config keys (or sections, "
                    "e.g. data), which change what the run trains; the change is recorded")

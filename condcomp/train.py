@@ -71,6 +71,9 @@ from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_
 from condcomp.training_state import load_training_state, load_weights
 
 
+AUTO = "auto"  # resume: continue if the run has a checkpoint, else start it
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -113,12 +116,15 @@ def train(cfg: RunConfig, resume: bool | str | Path = False,
     """Train ``cfg`` into its run folder; ``resume`` continues from the newest checkpoint
     (``True``) or from a named one. A resume refuses a config that changes what the run trains
     unless ``allow_changes`` names the keys (or sections) it may change
-    (:mod:`condcomp.run_changes`).
+    (:mod:`condcomp.run_changes`). ``resume="auto"``: the newest checkpoint if the run has one,
+    else a new run: how a job launched with ``torchrun --max-restarts`` comes back.
 
     Launched by ``torchrun``, every process calls this: they form one data-parallel job
     (``[dist]``, :mod:`condcomp.distributed`), rank 0 writes the run folder's record, and
     every rank writes its shards of each checkpoint."""
     run_dir = run_dir_of(cfg)
+    if resume == AUTO:
+        resume = bool(ckpt_lib.list_checkpoints(run_dir))
     if resume and not (run_dir / CONFIG_FILE).is_file():
         raise CondcompError(f"--resume: {run_dir} holds no run to resume; drop --resume to "
                             "start one")

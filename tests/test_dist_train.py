@@ -112,6 +112,19 @@ def test_two_ranks_train_what_one_process_trains(single, corpus, tmp_path, model
         assert got == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_four_ranks_with_two_expert_groups_train_what_one_process_trains(corpus, tmp_path, mode):
+    """EP 2 x 2 data-parallel groups: the experts of a group are sharded (FSDP) or replicated
+    (DDP) over the other dimension, whose gradients need the rescaling of
+    condcomp.distributed.data_parallel."""
+    sets = ["train.grad_accum=4"]  # 4 micro-batches of 4 sequences, one per rank
+    reference = overrides(corpus, tmp_path, "single", "switch") + sets
+    train(load_config("switch", reference), log=quiet)
+    train_on_ranks(4, "switch", overrides(corpus, tmp_path, "run", "switch") + sets
+                   + [f"dist.data_parallel='{mode}'", "dist.ep=2"])
+    assert_same_run(tmp_path / "run", tmp_path / "single")
+
+
 def test_a_checkpoint_of_two_expert_parallel_ranks_goes_on_anywhere(single, corpus, tmp_path):
     """Saved by 2 ranks with EP 2 at step 3; resumed in one process, and on 2 ranks with DDP
     and EP 1: both finish the run of the single process."""

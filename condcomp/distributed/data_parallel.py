@@ -77,7 +77,10 @@ def _fully_shard(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -
     marks = {name: {k: v for k, v in p.__dict__.items() if not k.startswith("_")}
              for name, p in model.named_parameters()}
     low = param_dtype if param_dtype != torch.float32 else None
-    mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    # cast_forward_inputs=False: the residual stream and the RoPE tables stay fp32 between
+    # blocks, as autocast keeps them in one process; only the weights are gathered in bf16.
+    mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,
+                              cast_forward_inputs=False)
     if ctx.ep > 1:
         # Experts first, over the ranks that hold the same experts (torchtitan's apply_fsdp);
         # a layer's experts then stay out of its block's group. Fewer local experts than
