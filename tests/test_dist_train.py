@@ -16,11 +16,13 @@ import pytest
 import torch
 from helpers import tiny_overrides
 from ranks import run_ranks
+from test_fuzz_config import preset_kinds, tiny
 
 from condcomp.checkpoint import is_sharded, resolve_checkpoint
 from condcomp.config import load_config
 from condcomp.errors import CondcompError
 from condcomp.model import TransformerLM
+from condcomp.presets import list_presets
 from condcomp.runs import load_weights, read_config, read_metrics
 from condcomp.train import train
 
@@ -153,3 +155,32 @@ def test_impossible_layouts_stop_every_rank_with_one_line(corpus, tmp_path, sets
                        overrides(corpus, tmp_path, "bad", "switch") + sets)
     assert all(message in error and "\n" not in error for error in errors), errors
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def list_preset_names() -> list[str]:
+    return [name for name, _ in list_presets()]
+
+
+def _moe(preset: str) -> bool:
+    return preset_kinds(preset)["ffn"] == "moe"
+
+
+def test_every_preset_trains_on_two_ranks_as_in_one_process(corpus, tmp_path):
+    """Every built-in preset at the tiny shape, 2 steps: FSDP2 on 2 ranks, and the MoE
+    presets expert-parallel too, give the single process's losses. Mixture of Tokens mixes
+    within a micro-batch and Mixture-of-Depths routes within a sequence, so with the single
+    process's micro-batches on each rank they compute what it computes. (The two HF-size
+    presets, Switch-C included, shrink to the tiny shape with it.)"""
+    for preset in list_preset_names():
+        sets = [*tiny(preset), *overrides(corpus, tmp_path, preset, "dense", steps=2),
+                "model.vocab_size=0", "train.param_dtype='float32'", "train.eval_every=2"]
+        train(load_config(preset, sets), log=quiet)
+        layout = ["dist.ep=2"] if _moe(preset) else []
+        ranks = [*sets, f"out_dir='{tmp_path / preset}-ranks'", *layout]
+        errors = run_ranks(_train_rank, 2, preset, ranks)
+        assert errors == ["", ""], (preset, errors)
+        got, want = losses(f"{tmp_path / preset}-ranks"), losses(tmp_path / preset)
+        # Sparse FF samples Gumbel noise in training, from each rank's own RNG stream: the
+        # same model on the same data, with other noise.
+        tol = 2e-3 if preset_kinds(preset)["ffn"] == "sparse_ff" else 2e-5
+        assert len(want) == 2 and got == pytest.approx(want, rel=tol, abs=tol), preset
