@@ -70,7 +70,6 @@ from condcomp.runs import (
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
 from condcomp.training_state import load_training_state, load_weights
 
-
 AUTO = "auto"  # resume: continue if the run has a checkpoint, else start it
 
 
