@@ -127,6 +127,57 @@ def test_four_ranks_with_two_expert_groups_train_what_one_process_trains(corpus,
     assert_same_run(tmp_path / "run", tmp_path / "single")
 
 
+def test_fsdp_mixed_precision_trains_what_master_weights_train(corpus, tmp_path):
+    """bf16 weights in compute, fp32 weights in the optimizer: FSDP2's mixed-precision policy
+    on 2 ranks against condcomp's master weights in one process (the same roundings; the
+    gradients are summed in another order, so not bit for bit)."""
+    sets = ["train.dtype='bfloat16'", "train.param_dtype='bfloat16'"]
+    train(load_config("switch", overrides(corpus, tmp_path, "single", "switch") + sets),
+          log=quiet)
+    train_on_ranks(2, "switch", overrides(corpus, tmp_path, "run", "switch") + sets)
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "single"), rel=1e-3)
+    # Adam moves a weight by about the learning rate whatever its gradient's size, so a bf16
+    # gradient near zero that rounds the other way moves one element by lr: compare whole
+    # tensors, not elements.
+    weights, ref = final_weights(tmp_path / "run"), final_weights(tmp_path / "single")
+    for name, tensor in ref.items():
+        assert (weights[name] - tensor).norm() <= 5e-2 * tensor.norm(), name
+
+
+def _weight_dtypes_in_forward(rank: int, world: int) -> dict[str, str]:
+    from helpers import tiny_model_cfg
+
+    from condcomp.distributed.context import context_for_group
+    from condcomp.distributed.data_parallel import wrap_model
+    from condcomp.distributed.options import DistConfig
+
+    torch.manual_seed(0)
+    model = TransformerLM(tiny_model_cfg(ffn={"kind": "moe", "options": {"num_experts": 4}}))
+    wrap_model(model, context_for_group(DistConfig(), "cpu"), torch.bfloat16)
+    # Gathered, every unit registers its weights as its forward sees them.
+    for module in model.modules():
+        if hasattr(module, "unshard") and hasattr(module, "reshard"):
+            module.unshard()
+    wanted = ("tok_emb.weight", "layers.0.block.attn_norm.weight", "layers.0.block.attn.qkv.wq.weight",
+              "layers.0.block.ffn.router.weight", "layers.0.block.ffn.experts.w1",
+              "layers.0.block.ffn.experts.w2", "layers.0.block.ffn.experts.w3")
+    return {name: str(p.dtype) for name, p in model.named_parameters() if name in wanted}
+
+
+def test_fsdp_gathers_in_bf16_what_master_weights_store_in_bf16():
+    """The weights one process stores in bf16 under train.param_dtype = "bfloat16"
+    (condcomp.master_weights: the matrices) are gathered in bf16; norm gains and the
+    embedding table stay fp32."""
+    seen = run_ranks(_weight_dtypes_in_forward, 2)[0]
+    assert seen == {"tok_emb.weight": "torch.float32",
+                    "layers.0.block.attn_norm.weight": "torch.float32",
+                    "layers.0.block.attn.qkv.wq.weight": "torch.bfloat16",
+                    "layers.0.block.ffn.router.weight": "torch.bfloat16",
+                    "layers.0.block.ffn.experts.w1": "torch.bfloat16",
+                    "layers.0.block.ffn.experts.w2": "torch.bfloat16",
+                    "layers.0.block.ffn.experts.w3": "torch.bfloat16"}
+
+
 def test_a_checkpoint_of_two_expert_parallel_ranks_goes_on_anywhere(single, corpus, tmp_path):
     """Saved by 2 ranks with EP 2 at step 3; resumed in one process, and on 2 ranks with DDP
     and EP 1: both finish the run of the single process."""
@@ -149,6 +200,8 @@ def test_a_checkpoint_of_two_expert_parallel_ranks_goes_on_anywhere(single, corp
      "dist.ep = 4 does not divide the 2 processes torchrun started"),
     (["train.batch_size=3", "train.grad_accum=1"],
      "3 * 1 = 3 sequences per step do not split evenly over 2 ranks"),
+    (["train.dtype='bfloat16'", "train.param_dtype='bfloat16'", "dist.data_parallel='ddp'"],
+     "train.param_dtype = 'bfloat16' with dist.data_parallel = 'ddp' is not supported"),
 ])
 def test_impossible_layouts_stop_every_rank_with_one_line(corpus, tmp_path, sets, message):
     errors = run_ranks(_train_rank, 2, "switch",

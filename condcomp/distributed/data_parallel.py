@@ -32,6 +32,7 @@ from torch import nn
 
 from condcomp.distributed.context import DistContext
 from condcomp.errors import ConfigError
+from condcomp.master_weights import matrix_weights
 
 
 def _dtensor_type() -> type:
@@ -81,6 +82,7 @@ def _fully_shard(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -
     # blocks, as autocast keeps them in one process; only the weights are gathered in bf16.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,
                               cast_forward_inputs=False)
+    full = MixedPrecisionPolicy(cast_forward_inputs=False)
     if ctx.ep > 1:
         # Experts first, over the ranks that hold the same experts (torchtitan's apply_fsdp);
         # a layer's experts then stay out of its block's group. Fewer local experts than
@@ -96,9 +98,20 @@ def _fully_shard(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype) -
                 # gather their weights around them as it does around a forward.
                 for method in getattr(module, "FSDP_FORWARD_METHODS", ()):
                     register_fsdp_forward_method(module, method)
+    if low is not None:
+        # The policy casts every weight of a unit. What one process keeps fp32 under master
+        # weights (norm gains, elementwise coefficients: condcomp.master_weights) gets units
+        # of its own that stay fp32, children before parents.
+        matrices = {id(p) for p in matrix_weights(model)}
+        for layer in model.layers:
+            for module in reversed(list(layer.modules())):
+                own = list(module.parameters(recurse=False))
+                if module is not layer and any(id(p) not in matrices for p in own):
+                    fully_shard(module, mesh=ctx.dp_mesh, mp_policy=full)
     for layer in model.layers:
         fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=ctx.dp_mesh, mp_policy=mp)
+    # The embedding table (tied to the output head) stays fp32, as in one process.
+    fully_shard(model, mesh=ctx.dp_mesh, mp_policy=full)
     for name, p in model.named_parameters():
         p.__dict__.update(marks.get(name, {}))
     return model
