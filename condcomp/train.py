@@ -272,7 +272,7 @@ class Trainer:
                                                             device)
         if ctx.distributed:
             # Each rank its own stream for dropout and router noise from here on.
-            torch.manual_seed(tc.seed * 1_000_003 + ctx.rank)
+            torch.manual_seed((tc.seed * 1_000_003 + ctx.rank) % 2**64)
             shard_experts(model, ctx)
         self.model = model
         # One process keeps fp32 master weights by hand; FSDP's mixed precision does it itself.
