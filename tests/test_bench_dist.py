@@ -99,7 +99,7 @@ def test_two_expert_parallel_ranks_report_a_share_of_all_to_all(one_process, tmp
     base = json.loads(one_process.read_text())["layouts"][0]
     assert layout["tokens_per_s_vs_baseline"] == pytest.approx(
         layout["tokens_per_s"] / base["tokens_per_s"])
-    assert result["command"].startswith("torchrun --nproc-per-node 2 -m ")
+    assert result["command"].startswith("torchrun --nproc-per-node 2 -m condcomp ")
 
 
 def ep_and_plain_outputs(**options) -> tuple[torch.Tensor, torch.Tensor]:

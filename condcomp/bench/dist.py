@@ -303,8 +303,7 @@ def command_line() -> str:
     if not launched_by_torchrun():
         return command
     ranks_here = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
-    return (f"torchrun --nproc-per-node {ranks_here} -m "
-            + command.removeprefix("condcomp "))
+    return f"torchrun --nproc-per-node {ranks_here} -m {command}"
 
 
 def read_baseline(path: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -392,10 +391,15 @@ def bench(cfg: RunConfig, ctx: DistContext, args: argparse.Namespace) -> int:
     load = meter.lap()
     others_s = other_ranks_cpu_s(ctx, own_cpu_s() - own_start)
     by_rank = gather(ctx, figures)
-    if not ctx.is_main:
-        return 0
-    rows = [layout_row(name, [rank[name] for rank in by_rank], trainer)
-            for name, trainer in trainers.items()]
-    result = build_result(cfg, trainers, rows, args)
-    report(result, format_table(result), args.json, load.excluding(others_s))
+
+    def write_report() -> None:
+        rows = [layout_row(name, [rank[name] for rank in by_rank], trainer)
+                for name, trainer in trainers.items()]
+        result = build_result(cfg, trainers, rows, args)
+        report(result, format_table(result), args.json, load.excluding(others_s))
+
+    # On rank 0, the others waiting for it: a rank that leaves first and fails on its way out
+    # (torch 2.13's gloo aborts now and then at exit after a device mesh) would make torchrun
+    # stop rank 0 before it has written; and a user error there stops every rank.
+    ctx.on_main(write_report)
     return 0

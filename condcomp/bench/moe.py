@@ -234,6 +234,9 @@ def bench_ep_path(moe: MoE, ep_moe: MoE, ek: str, x_BTD: torch.Tensor, grad_BTD:
     row = _row("condcomp MoE [EP path, 1 rank]", ek, seconds["ep"], tokens, flops,
                dense_s / seconds["ep"])
     row["ep_over_plain"] = seconds["ep"] / seconds["plain"]
+    # The plain layer's own time in these turns, which the ratio divides by: it may differ
+    # from the plain row's, timed alone (passes in turns share the caches).
+    row["plain_step_s_in_turns"] = seconds["plain"]
     row["max_abs_diff_forward"] = diff
     print(f"MoE E:k={ek} through the EP path (1 rank): {_say(row)}, "
           f"{row['ep_over_plain']:.3f}x the plain path's time in turns; forward max |diff| "
