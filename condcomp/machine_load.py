@@ -144,6 +144,15 @@ class MachineLoad:
                 "wall_s": self.wall_s, "method": self.method, "verdict": self.verdict,
                 "busy_share": BUSY_SHARE}
 
+    def excluding(self, cpu_s: float) -> MachineLoad:
+        """This interval's load with ``cpu_s`` CPU seconds taken out of the other processes':
+        the work of the job's other ranks on this machine (``torchrun`` starts them as
+        siblings, not descendants), which is part of what was measured, not load on it."""
+        if self.other_cpu_share is None or self.wall_s <= 0:
+            return self
+        share = max(0.0, self.other_cpu_share - cpu_s / (self.wall_s * self.cpus))
+        return MachineLoad(share, self.cpus, self.wall_s, self.method)
+
     def warning(self) -> str | None:
         """One line for under a table of figures timed in this interval, when it was busy."""
         if self.verdict != "busy":

@@ -303,6 +303,22 @@ class Trainer:
         self.log(f"resumed {self.run_dir} from {ckpt.path} at step {state['step']}")
         return state["step"]
 
+    def build_for_timing(self, batches: TrainBatches) -> None:
+        """The model, its sharding and wrapping and the optimizer, as :meth:`run` builds them,
+        fed ``batches`` instead of a prepared corpus and writing no run folder: what
+        ``condcomp bench dist`` times with :meth:`train_step`."""
+        if self.tc.init_from:
+            raise ConfigError("train.init_from loads trained weights; timing needs none, so "
+                              "leave it unset")
+        self._build(_Start(checkpoint=None, changes={}, vocab_size=self.cfg.model.vocab_size))
+        self.batches = batches
+        self.wrapped.train()
+
+    def train_step(self, step: int) -> _StepOutcome:
+        """One optimizer step on the global batch of ``step``: every micro-batch's forward and
+        backward, the gradient fixes and norm, the update (the loop's step, nothing logged)."""
+        return self._step(step)
+
     # ------------------------------------------------------------------ one step
 
     def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

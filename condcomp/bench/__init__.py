@@ -4,7 +4,9 @@
 - :mod:`~condcomp.bench.models`: ``condcomp bench models``, presets against the first;
 - :mod:`~condcomp.bench.moe`: ``condcomp bench moe``, the MoE layer against the dense FFN;
 - :mod:`~condcomp.bench.decode`: ``condcomp bench decode``, the Sparse FF / QKV decode table;
-- :mod:`~condcomp.bench.runs`: ``condcomp bench runs``, trained runs' decode side by side.
+- :mod:`~condcomp.bench.runs`: ``condcomp bench runs``, trained runs' decode side by side;
+- :mod:`~condcomp.bench.dist`: ``condcomp bench dist``, training steps in torchrun's layout
+  (tokens/s, the share of all-to-all).
 
 They share :mod:`~condcomp.bench.common` (timing in turns, the environment, the machine's load,
 the table and JSON) and, for whole models, :mod:`~condcomp.bench.lm_timing`.
@@ -15,9 +17,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from condcomp.bench import decode, hf, models, moe, runs
+from condcomp.bench import decode, dist, hf, models, moe, runs
 
-TARGETS = {"moe": moe, "decode": decode, "models": models, "runs": runs}
+TARGETS = {"moe": moe, "decode": decode, "models": models, "runs": runs, "dist": dist}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -15,6 +15,15 @@ compares the memory-bound work around the matrix products (casts, permutations, 
 a machine without a GPU. With ``--param-dtype bfloat16`` the count adds what the gradient hooks
 move outside the compiled graph (:meth:`condcomp.master_weights.MasterWeights.hook_bytes`).
 
+``--ep-path`` also runs each ``E:k`` MoE layer through the expert-parallel code path with a
+group of one rank (:func:`condcomp.distributed.expert_parallel.shard_experts_over`): the counts
+and the rows go through all-to-all exchanges with this one rank, the rows are permuted from
+rank-major to expert-major order, and the experts run on the local shard, which is all of
+them. The plain and the EP-path layers (the same weights) take turns pass by pass, and the
+table gives the EP path's time over the plain path's: what the expert-parallel code costs
+before any other rank takes part. It starts a process group of one rank (gloo on the CPU,
+nccl on CUDA) when none exists.
+
 ``--profile`` adds, for each ``E:k``, torch.profiler's table of where the MoE layer's passes
 spend their time: which kernels (or, on the CPU, which operators) routing, permutation and the
 expert products cost.
@@ -23,17 +32,21 @@ expert products cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from condcomp import flags
-from condcomp.bench.common import command_line, report, sync
+from condcomp.bench.common import command_line, median_seconds, report, sync, time_in_turns
 from condcomp.bench.compiled_bytes import count_compiled_bytes
+from condcomp.distributed.expert_parallel import shard_experts_over
 from condcomp.errors import ConfigError
 from condcomp.kernels.grouped_gemm import fast_path_on_cpu
 from condcomp.layers import MLP, MoE
@@ -82,6 +95,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    f"{PROFILED_PASSES} more forward + backward passes spend their time (on CUDA "
                    "its kernels, by device time; on the CPU its operators, by their own CPU "
                    "time); the JSON keeps the tables")
+    p.add_argument("--ep-path", action="store_true",
+                   help="also time each MoE layer through the expert-parallel dispatch with a "
+                   "group of one rank, in turns with the plain layer, and give EP path time / "
+                   "plain time (eager, fp32-stored weights)")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
     p.add_argument("--hf-impls", default="all",
@@ -103,6 +120,17 @@ def parse_experts(text: str) -> list[tuple[int, int]]:
             raise ConfigError(f"--experts {item}: k must be between 1 and E")
         pairs.append((e, k))
     return pairs
+
+
+def fwd_bwd_pass(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor,
+                 amp: torch.dtype | None) -> None:
+    """One forward + backward pass, the gradients cleared after it as between steps."""
+    x = x_BTD.detach().requires_grad_(True)
+    with autocast(x_BTD.device, amp):
+        y = layer(x)
+    y.backward(grad_BTD.to(y.dtype))
+    for p in layer.parameters():
+        p.grad = None
 
 
 def time_fwd_bwd(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor, steps: int,
@@ -147,6 +175,73 @@ def check_args(args: argparse.Namespace) -> None:
     if args.profile and args.count_bytes:
         raise ConfigError("--profile profiles the timed passes and --count-bytes times none; "
                           "drop one of them")
+    if args.ep_path and (args.count_bytes or args.compile or args.param_dtype != "float32"):
+        raise ConfigError("--ep-path times the expert-parallel path eager with fp32-stored "
+                          "weights, as the expert-parallel training runs it; drop "
+                          "--count-bytes, --compile and --param-dtype")
+
+
+@contextlib.contextmanager
+def one_rank_mesh(device: torch.device) -> Iterator[Any]:
+    """A device mesh of this one rank, named ``ep``, over the default process group: the one
+    already started, or a group of one started here (and ended after)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if dist.get_world_size() != 1:
+            raise ConfigError("--ep-path measures the expert-parallel path on one rank; run "
+                              "`condcomp bench moe` in one process, not under torchrun")
+        yield init_device_mesh(device.type, (1,), mesh_dim_names=("ep",))
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def ep_path_copy(moe: MoE, blank: MoE, mesh: Any) -> MoE:
+    """``blank``, a layer built as ``moe`` was, with ``moe``'s weights and its experts sharded
+    over ``mesh``: its passes take the expert-parallel path even on a mesh of one rank. (A
+    layer that has run keeps its last pass's losses and statistics, which deepcopy refuses.)"""
+    blank.load_state_dict(moe.state_dict())
+    shard_experts_over(blank, mesh)
+    return blank
+
+
+def time_in_turns_fwd_bwd(layers: dict[str, nn.Module], x_BTD: torch.Tensor,
+                          grad_BTD: torch.Tensor, steps: int, warmup: int,
+                          amp: torch.dtype | None) -> dict[str, float]:
+    """Median seconds of a forward + backward pass of each layer, the layers taking turns
+    pass by pass (:func:`condcomp.bench.common.time_in_turns`)."""
+    passes = {name: functools.partial(fwd_bwd_pass, layer, x_BTD, grad_BTD, amp)
+              for name, layer in layers.items()}
+    return median_seconds(time_in_turns(passes, steps, x_BTD.device, warmup))
+
+
+def bench_ep_path(moe: MoE, ep_moe: MoE, ek: str, x_BTD: torch.Tensor, grad_BTD: torch.Tensor,
+                  args: argparse.Namespace, amp: torch.dtype | None, flops: float,
+                  dense_s: float) -> dict[str, Any]:
+    """``ep_moe``, the EP-path copy of ``moe`` (:func:`ep_path_copy`), timed in turns with
+    ``moe`` itself: its row, with its time over the plain path's in the same turns and how far
+    its forward output is from the plain one's (the same weights and tokens: not at all)."""
+    seconds = time_in_turns_fwd_bwd({"plain": moe, "ep": ep_moe}, x_BTD, grad_BTD, args.steps,
+                                    args.warmup, amp)
+    with torch.no_grad(), autocast(x_BTD.device, amp):
+        diff = (ep_moe(x_BTD).float() - moe(x_BTD).float()).abs().max().item()
+    tokens = x_BTD.shape[0] * x_BTD.shape[1]
+    row = _row("condcomp MoE [EP path, 1 rank]", ek, seconds["ep"], tokens, flops,
+               dense_s / seconds["ep"])
+    row["ep_over_plain"] = seconds["ep"] / seconds["plain"]
+    # The plain layer's own time in these turns, which the ratio divides by: it may differ
+    # from the plain row's, timed alone (passes in turns share the caches).
+    row["plain_step_s_in_turns"] = seconds["plain"]
+    row["max_abs_diff_forward"] = diff
+    print(f"MoE E:k={ek} through the EP path (1 rank): {_say(row)}, "
+          f"{row['ep_over_plain']:.3f}x the plain path's time in turns; forward max |diff| "
+          f"{diff:.3g}")
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,16 +302,22 @@ def run(args: argparse.Namespace) -> int:
     row = _bytes_row if args.count_bytes else _row
     rows: list[dict[str, Any]] = [row("dense SwiGLU FFN", "-", dense_m, tokens, dense_flops, 1.0)]
     print(f"dense d_ff={d_ff}: {_say(rows[0])}")
-    for e, k in configs:
-        moe = MoE(d_model, d_ff // k, e, k, normalize_topk=True).to(device)
-        moe_m = counted(moe) if args.count_bytes else timed(
-            moe, f"E={e} k={k}" if args.profile else None)
-        flops = 3 * moe.flops_per_token()
-        rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
-        print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
-        if peer == "hf":
-            rows += _bench_hf(moe, e, k, args.hf_impls, tokens, flops, dense_m, moe_m, timed)
-        del moe
+    with one_rank_mesh(device) if args.ep_path else contextlib.nullcontext() as mesh:
+        for e, k in configs:
+            shape = (d_model, d_ff // k, e, k)
+            moe = MoE(*shape, normalize_topk=True).to(device)
+            moe_m = counted(moe) if args.count_bytes else timed(
+                moe, f"E={e} k={k}" if args.profile else None)
+            flops = 3 * moe.flops_per_token()
+            rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
+            print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
+            if mesh is not None:
+                ep_moe = ep_path_copy(moe, MoE(*shape, normalize_topk=True).to(device), mesh)
+                rows.append(bench_ep_path(moe, ep_moe, f"{e}:{k}", x, grad, args, amp, flops,
+                                          dense_m))
+            if peer == "hf":
+                rows += _bench_hf(moe, e, k, args.hf_impls, tokens, flops, dense_m, moe_m, timed)
+            del moe
     result = {"device": device_name(device), "torch": torch.__version__, "d_model": d_model,
               "d_ff": d_ff, "tokens": tokens, "dtype": str(amp or torch.float32),
               "param_dtype": str(param_dtype),
@@ -285,12 +386,17 @@ def format_table(result: dict[str, Any]) -> str:
                   f"{r['flops_per_byte']:.1f} | {r['fraction_of_dense']:.3f} |"
                   for r in result["rows"]]
         return "\n".join(lines)
-    lines += ["", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    ep_path = any("ep_over_plain" in r for r in result["rows"])
+    # --ep-path: the EP path's time over the plain path's, the two timed in turns.
+    ep_head, ep_rule = (" EP time / plain |", " ---: |") if ep_path else ("", "")
+    lines += ["", "| layer | E:k | tokens/s | TFLOP/s | / dense | ours / this |" + ep_head,
+              "| --- | --- | ---: | ---: | ---: | ---: |" + ep_rule]
     for r in result["rows"]:
         ratio = f"{r['ours_over_hf']:.2f}x" if "ours_over_hf" in r else ""
+        ep_cell = (f" {r['ep_over_plain']:.3f} |" if "ep_over_plain" in r else " |") \
+            if ep_path else ""
         lines.append(f"| {r['layer']} | {r['E:k']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tflops']:.3f} | {r['fraction_of_dense']:.2f} | {ratio} |")
+                     f"{r['tflops']:.3f} | {r['fraction_of_dense']:.2f} | {ratio} |" + ep_cell)
     return "\n".join(lines)
 
 

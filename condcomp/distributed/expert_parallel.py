@@ -71,6 +71,8 @@ if TYPE_CHECKING:
     from condcomp.distributed.context import DistContext
 
 _EXPERT_WEIGHTS = ("w1", "w2", "w3")
+# The profiler range around the exchange of per-expert counts (:func:`exchange_counts`).
+EXCHANGE_COUNTS_RANGE = "condcomp::ep_exchange_counts"
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -86,7 +88,7 @@ def shard_experts(model: nn.Module, ctx: DistContext) -> int:
     """
     if ctx.ep <= 1:
         return 0
-    layers = [m for m in model.modules() if getattr(m, "supports_expert_parallel", False)]
+    layers = expert_parallel_layers(model)
     if not layers:
         raise ConfigError(f"dist.ep = {ctx.ep} needs MoE layers to split, and this model has "
                           "none; set [model.ffn] kind = \"moe\" or dist.ep = 1")
@@ -95,7 +97,21 @@ def shard_experts(model: nn.Module, ctx: DistContext) -> int:
             raise ConfigError(f"model.ffn.num_experts = {layer.experts.num_experts} is not a "
                               f"multiple of dist.ep = {ctx.ep}; every rank of an "
                               "expert-parallel group holds the same number of experts")
-    mesh = ctx.ep_mesh
+    return shard_experts_over(model, ctx.ep_mesh)
+
+
+def expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers of ``model`` (``model`` itself if it is one)."""
+    return [m for m in model.modules() if getattr(m, "supports_expert_parallel", False)]
+
+
+def shard_experts_over(model: nn.Module, mesh) -> int:
+    """Shard the experts of every MoE layer of ``model`` over the one-dimensional ``mesh``,
+    whatever its size; returns the number of layers sharded. :func:`shard_experts` checks the
+    layout first and leaves ``ep = 1`` on the plain path; a mesh of one rank instead runs the
+    expert-parallel path, exchanging every row with itself, which is how ``condcomp bench moe
+    --ep-path`` measures what that path costs over the plain one."""
+    layers = expert_parallel_layers(model)
     group = mesh.get_group()
     for layer in layers:
         _shard(layer.experts, mesh, group)
@@ -162,7 +178,10 @@ def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     of ``num_tokens_per_expert``); no gradient."""
     ep = dist.get_world_size(group)
     received_E = torch.empty_like(counts_E)
-    dist.all_to_all_single(received_E, counts_E.contiguous(), group=group)
+    # Named for torch.profiler (condcomp bench dist): the wait inside a synchronous
+    # all_to_all_single is not an operator, so without the range it would show as no one's.
+    with torch.profiler.record_function(EXCHANGE_COUNTS_RANGE):
+        dist.all_to_all_single(received_E, counts_E.contiguous(), group=group)
     return received_E.view(ep, -1)
 
 
