@@ -1,7 +1,5 @@
 """``python -m condcomp``: the same as the ``condcomp`` console script."""
 
-import sys
+from condcomp.cli import console
 
-from condcomp.cli import main
-
-sys.exit(main())
+console()

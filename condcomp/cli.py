@@ -253,6 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> NoReturn:
+    """The ``condcomp`` console script and ``python -m condcomp``: :func:`main`, then exit.
+
+    A ``torchrun`` worker leaves by ``os._exit`` once its output is flushed: with torch 2.13 a
+    gloo job whose ranks built a device mesh aborts in about a third of its exits while the
+    interpreter tears down ("terminate called without an active exception", status -6), after
+    all the work is done and the process group destroyed; torchrun would report the finished
+    job as failed, and restart it under --max-restarts. Skipping the teardown is safe there:
+    files are closed and the process group is gone by then."""
+    code = main()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _rank() -> int:
     """This process's rank in a torchrun job (0 alone): one voice per job."""
     return int(os.environ.get("RANK", "0") or 0)

@@ -47,7 +47,7 @@ from condcomp.distributed.data_parallel import (
 from condcomp.distributed.expert_parallel import shard_experts
 from condcomp.errors import CondcompError, ConfigError, TrainingError, storage_error
 from condcomp.evaluate import EvalResult, evaluate
-from condcomp.machine_load import LoadMeter
+from condcomp.machine_load import LoadMeter, MachineLoad, own_cpu_s
 from condcomp.master_weights import (
     PARAM_DTYPES,
     MasterWeights,
@@ -470,7 +470,7 @@ class Trainer:
         self.tokens_per_s = 0.0
         # Other processes' share of the CPUs since the last train row, logged beside
         # tokens_per_s so that a throughput taken on a busy machine says so.
-        load = LoadMeter()
+        load, self._own_cpu_at_lap = LoadMeter(), own_cpu_s()
         self.wrapped.train()
         try:
             while step < total:
@@ -517,12 +517,22 @@ class Trainer:
             final_eval = self.evaluate()
         return step, final_eval
 
+    def _machine_load(self, load: LoadMeter) -> MachineLoad:
+        """Other processes' share of the CPUs since the last row, less this job's other ranks
+        on the machine (their work is part of the step, not load on it)."""
+        measured = load.lap()
+        own_s = own_cpu_s()
+        siblings_s = self.ctx.other_ranks_cpu_s(own_s - self._own_cpu_at_lap)
+        self._own_cpu_at_lap = own_s
+        return measured.excluding(siblings_s) if self.ctx.distributed else measured
+
     def _train_row(self, step: int, outcome: _StepOutcome, load: LoadMeter) -> dict[str, Any]:
         row: dict[str, Any] = {
             "kind": "train", "step": step, "tokens": self.tokens_at(step),
             "elapsed_s": self.elapsed, "train_loss": outcome.train_loss,
             "aux_loss": outcome.aux_loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-            "tokens_per_s": self.tokens_per_s, "other_cpu_share": load.lap().other_cpu_share}
+            "tokens_per_s": self.tokens_per_s,
+            "other_cpu_share": self._machine_load(load).other_cpu_share}
         mfu = self.model.estimate_mfu(self.tokens_per_s / self.ctx.world_size, self.tc.seq_len,
                                       self.device)
         if mfu is not None:

@@ -52,7 +52,6 @@ import itertools
 import json
 import os
 import shlex
-import socket
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -259,15 +258,6 @@ def measure(trainers: Mapping[str, Trainer], args: argparse.Namespace, device: t
     return {name: RankFigures(seconds[name], *shares[name]) for name in trainers}
 
 
-def gather(ctx: DistContext, value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (a list of one in a single process)."""
-    if not ctx.distributed:
-        return [value]
-    values: list[Any] = [None] * ctx.world_size
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
 def layout_row(name: str, ranks: list[RankFigures], trainer: Trainer) -> dict[str, Any]:
     """One layout's figures over every rank: the median over steps of the slowest rank's step
     (a step ends on every rank together: its loss is all-reduced), the shares' means."""
@@ -285,13 +275,6 @@ def layout_row(name: str, ranks: list[RankFigures], trainer: Trainer) -> dict[st
 def mean_or_none(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
-
-
-def other_ranks_cpu_s(ctx: DistContext, own_s: float) -> float:
-    """CPU seconds the job's other ranks on rank 0's machine used over the interval."""
-    per_rank = gather(ctx, (socket.gethostname(), own_s))
-    host = per_rank[0][0]
-    return sum(s for rank, (h, s) in enumerate(per_rank) if rank != ctx.rank and h == host)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -389,8 +372,8 @@ def bench(cfg: RunConfig, ctx: DistContext, args: argparse.Namespace) -> int:
     meter, own_start = LoadMeter(), own_cpu_s()
     figures = measure(trainers, args, device)
     load = meter.lap()
-    others_s = other_ranks_cpu_s(ctx, own_cpu_s() - own_start)
-    by_rank = gather(ctx, figures)
+    others_s = ctx.other_ranks_cpu_s(own_cpu_s() - own_start)
+    by_rank = ctx.gather_object(figures)
 
     def write_report() -> None:
         rows = [layout_row(name, [rank[name] for rank in by_rank], trainer)

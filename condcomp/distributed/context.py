@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -92,6 +93,22 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (a list of one in a single process)."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def other_ranks_cpu_s(self, own_s: float) -> float:
+        """CPU seconds the job's other ranks on this machine used, from each rank's own
+        ``own_s`` over the same interval (collective). torchrun starts them as siblings, not
+        descendants, so a measure of the machine's load would count them as load on it."""
+        per_rank = self.gather_object((socket.gethostname(), own_s))
+        host = per_rank[self.rank][0]
+        return sum(s for rank, (h, s) in enumerate(per_rank) if rank != self.rank and h == host)
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0 alone (writing the run folder), its result on every rank. A
