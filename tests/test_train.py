@@ -59,6 +59,19 @@ def test_resume_gives_the_same_losses_bit_for_bit(straight_run, corpus, tmp_path
     assert losses(tmp_path / "split") == losses(straight.run_dir)
 
 
+def test_resume_auto_starts_a_new_run_then_continues_it(straight_run, corpus, tmp_path):
+    """``--resume auto``, the launch line of a job torchrun may restart: a run folder without
+    a checkpoint starts, one with checkpoints continues from the newest."""
+    straight, _ = straight_run
+    assert main(["train", "--config", "dense_tiny", "--resume", "auto",
+                 *[f"--set={item}" for item in tiny_overrides(corpus, tmp_path, "auto",
+                                                             steps=10)]]) == 0
+    assert [c.step for c in list_checkpoints(tmp_path / "auto")] == [5, 10]
+    cfg = load_config("dense_tiny", tiny_overrides(corpus, tmp_path, "auto"))
+    train(cfg, resume="auto", log=lambda s: None)
+    assert losses(tmp_path / "auto") == losses(straight.run_dir)
+
+
 def test_resume_after_sigkill_is_exact(straight_run, corpus, tmp_path):
     straight, _ = straight_run
     args = [sys.executable, "-m", "condcomp", "train", "--config",
