@@ -197,7 +197,7 @@ def test_a_checkpoint_of_two_expert_parallel_ranks_goes_on_anywhere(single, corp
 
 @pytest.mark.parametrize("sets,message", [
     (["dist.ep=4", "model.ffn.num_experts=8"],
-     "dist.ep = 4 does not divide the 2 processes torchrun started"),
+     "dist.ep = 4 does not divide the 2 processes of the job"),
     (["train.batch_size=3", "train.grad_accum=1"],
      "3 * 1 = 3 sequences per step do not split evenly over 2 ranks"),
     (["train.dtype='bfloat16'", "train.param_dtype='bfloat16'", "dist.data_parallel='ddp'"],

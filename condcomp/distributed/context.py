@@ -148,7 +148,7 @@ def check_layout(options: DistConfig, world_size: int, device_type: str) -> None
     """Refuse a layout that cannot run, before any process group is started."""
     if world_size % options.ep:
         raise ConfigError(f"dist.ep = {options.ep} does not divide the {world_size} processes "
-                          f"torchrun started; launch a multiple of {options.ep} processes "
+                          f"of the job; launch a multiple of {options.ep} processes "
                           "(--nproc-per-node x nodes) or lower dist.ep")
     backend = resolve_backend(options.backend, device_type)
     if options.data_parallel == "fsdp" and backend == "gloo" and torch_version() < (2, 9):
