@@ -60,8 +60,8 @@ FLOATS = [math.nan, math.inf, -math.inf, 1e30, -1e30, 1e300, 1e-300, 1e-40, 1e-3
           0.0, -0.0, 1e-6, 0.01, 0.125, 0.5, 0.9999, 1.0, 1.5, 2.0, 7.0, -3.0, 100.0]
 STRINGS = ["", "abc", "all", "odd", "even", "none", "moe", "mlp", "mot", "sparse_ff",
            "sparse_qkv", "mod", "altup", "full", "plain", "dense", "token_choice",
-           "expert_choice", "continuous", "predictor", "sigmoid", "dynamic", "same", "nan",
-           "1e3", "cpu", "cuda:7", "quantum", "bpe", "float32", "bfloat16", "relu", "gelu"]
+           "expert_choice", "continuous", "predictor", "sigmoid", "dynamic", "gemma3n", "same",
+           "nan", "1e3", "cpu", "cuda:7", "quantum", "bpe", "float32", "bfloat16", "relu", "gelu"]
 LISTS = [[], [0], [1], [0, 1], [1, 3], [True], ["a"], [0.5], [-1], [[0]], [2**64]]
 TABLES = [{}, {"a": 1}, {"kind": "moe"}, {"num_experts": 4}, {"layers": "odd"}]
 
