@@ -315,6 +315,20 @@ def test_global_batch_balance_on_two_ranks_equals_one_process_on_the_whole_batch
     torch.testing.assert_close(sum(r[1] for r in results) / 2, one.router.weight.grad)
 
 
+def test_the_model_starts_the_global_count_over_after_each_optimizer_step():
+    from condcomp.model import TransformerLM
+
+    ffn = dict(kind="moe", options=dict(num_experts=4, top_k=2, balance_scope="global_batch"))
+    model = TransformerLM(tiny_model_cfg(ffn=ffn)).train()
+    tokens = torch.randint(0, 97, (2, 8))
+    for _ in range(2):  # two micro-batches of one step
+        model(tokens, tokens)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert [int(m._balance_counts[-1]) for m in layers] == [2 * 16 * 2] * len(layers)
+    model.after_optimizer_step()
+    assert all(not m._balance_counts.any() for m in layers)
+
+
 # --------------------------------------------------------------- config
 
 
@@ -351,6 +365,10 @@ def test_options_reach_the_layer_from_the_config():
     (dict(capacity_factor=1.0, capacity_scope="sequence", no_token_left_behind=True),
      "no_token_left_behind re-routes"),
     (dict(num_experts=8, expert_groups=2, num_noop_experts=2), "expert_groups > 1 .*noop"),
+    (dict(routing="expert_choice", capacity_factor=2.0, num_experts=8, expert_groups=2),
+     "expert_groups > 1 .*expert_choice"),
+    (dict(num_experts=8, expert_groups=2, capacity_factor=1.0, no_token_left_behind=True),
+     "expert_groups > 1 .*no_token_left_behind"),
     (dict(score="tanh"), "score = 'tanh' is unknown"),
     (dict(balance_scope="global"), "balance_scope = 'global' is unknown"),
 ])

@@ -26,8 +26,8 @@ Capacity (``capacity_factor``, training only): each expert takes at most
 ``factor * T * k / E`` slots, T the micro-batch's tokens or (``capacity_scope = "sequence"``,
 HF Switch) each sequence's; the rest skip the layer (their residual passes through), or, with
 ``no_token_left_behind``, try their next choices. Which slots go first: GShard's position
-order, or (``drop_policy = "probability"``, Megatron-LM) the least probable. Evaluation and decoding are dropless, so a
-token's output never depends on the other tokens in the batch.
+order, or (``drop_policy = "probability"``, Megatron-LM) the least probable. Evaluation and
+decoding are dropless, so a token's output never depends on the other tokens in the batch.
 
 Balance: Switch's load-balancing loss, per micro-batch, per sequence (DeepSeek-V3's
 sequence-wise loss) or with the expert fractions of the global batch (Qiu et al. 2025; see
@@ -35,7 +35,8 @@ sequence-wise loss) or with the expert fractions of the global batch (Qiu et al.
 DeepSeek-V3 (updated after each optimizer step from the loads, outside the loss).
 
 Expert parallelism (``condcomp.distributed.expert_parallel``) splits the experts over ranks;
-routing, capacity, the losses and the statistics stay per rank, on the rank's own tokens.
+routing, capacity, the losses and the statistics stay per rank, on the rank's own tokens (but
+for the global-batch balance loss's expert counts, summed over every rank by design).
 """
 
 from __future__ import annotations
