@@ -10,12 +10,17 @@ import pytest
 import torch
 from helpers import tiny_model_cfg
 from ranks import run_ranks
+from test_moe import _sync_free_grouped_mm
 
 from condcomp.conditional import routing
 from condcomp.conditional.moe import MoE, MoEOptions, _build
 from condcomp.errors import ConfigError
+from condcomp.model import TransformerLM
 
-transformers = pytest.importorskip("transformers")
+
+def _transformers():
+    """The HF comparisons need transformers; the rest of the file does not."""
+    return pytest.importorskip("transformers")
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -44,6 +49,7 @@ def _backward(module, x_BTD: torch.Tensor, probe_BTD: torch.Tensor):
 
 
 def _deepseek_pair(groups: int, groups_per_token: int, normalize: bool):
+    transformers = _transformers()
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     torch.manual_seed(0)
@@ -117,6 +123,7 @@ def test_sigmoid_scores_move_the_aux_loss_free_bias_toward_underloaded_experts()
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_qwen2_moe_sparse_block_with_its_gated_shared_expert(normalize):
+    transformers = _transformers()
     from transformers.models.qwen2_moe.modeling_qwen2_moe import (
         Qwen2MoeSparseMoeBlock,
         load_balancing_loss_func,
@@ -155,6 +162,7 @@ def test_qwen2_moe_sparse_block_with_its_gated_shared_expert(normalize):
 
 
 def test_hf_switch_capacity_per_sequence_and_its_losses():
+    transformers = _transformers()
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         SwitchTransformersSparseMLP,
         load_balancing_loss_func,
@@ -194,6 +202,18 @@ def test_hf_switch_capacity_per_sequence_and_its_losses():
                                load_balancing_loss_func(probs, probs.argmax(-1)).detach())
     # Per batch, the same tokens would fill the experts in another order.
     assert not torch.allclose(batch(x), y)
+
+
+def test_capacity_per_sequence_counts_each_sequences_real_tokens():
+    valid_T = torch.ones(12, dtype=torch.bool)
+    valid_T[6:9] = False  # sequence 1: 3 padding tokens, then 3 real ones
+    capacity = routing.sequence_capacity(valid_T, 2, 6, 1, 2, 1.0)
+    assert capacity.tolist() == [3, 2]  # ceil(6 / 2), ceil(3 / 2)
+    ids_TK = torch.zeros(12, 1, dtype=torch.long)  # every token wants expert 0
+    choice = routing.TokenChoice(ids_TK, torch.ones(12, 1), torch.ones(12, 1, dtype=torch.bool))
+    kept_T = routing.apply_capacity(choice, 2, capacity, valid_T, seq_len=6).kept_TK[:, 0]
+    assert kept_T.tolist() == [True] * 3 + [False] * 3 + [False] * 3 + [True] * 2 + [False]
+    assert routing.sequence_capacity(None, 2, 6, 1, 2, 1.0) == 3
 
 
 # --------------------------------------------------------------- drop by probability
@@ -316,8 +336,6 @@ def test_global_batch_balance_on_two_ranks_equals_one_process_on_the_whole_batch
 
 
 def test_the_model_starts_the_global_count_over_after_each_optimizer_step():
-    from condcomp.model import TransformerLM
-
     ffn = dict(kind="moe", options=dict(num_experts=4, top_k=2, balance_scope="global_batch"))
     model = TransformerLM(tiny_model_cfg(ffn=ffn)).train()
     tokens = torch.randint(0, 97, (2, 8))
@@ -394,3 +412,21 @@ def test_defaults_change_nothing():
     x = torch.randn(2, 8, 16)
     assert torch.equal(plain(x), same(x)) and torch.equal(plain.aux_loss, same.aux_loss)
     assert "shared_gate.weight" not in plain.state_dict()
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_experts=8, top_k=2, score="sigmoid", normalize_topk=True, route_scale=2.5,
+         expert_groups=4, groups_per_token=2, bias_update_rate=1e-3, num_shared_experts=1,
+         shared_gate="sigmoid", balance_scope="sequence"),
+    dict(num_experts=4, top_k=2, capacity_factor=1.0, capacity_scope="sequence",
+         drop_policy="probability", balance_scope="global_batch"),
+])
+def test_the_router_options_compile_without_graph_breaks(options, monkeypatch):
+    import condcomp.conditional.experts as experts
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(experts, "grouped_mm", _sync_free_grouped_mm)
+    model = TransformerLM(tiny_model_cfg(ffn=dict(kind="moe", options=options))).train()
+    x = torch.randint(0, 97, (2, 16))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -150,12 +150,12 @@ CAPACITY_SCOPES = ("batch", "sequence")
 
 
 def sequence_capacity(valid_T: torch.Tensor | None, num_seqs: int, seq_len: int, top_k: int,
-                      num_experts: int, capacity_factor: float) -> torch.Tensor:
-    """:func:`token_capacity` of each sequence, ``[S]`` (HF Switch routes each sequence as a
-    group with its own ``expert_capacity``): counted on the sequence's real tokens."""
+                      num_experts: int, capacity_factor: float) -> int | torch.Tensor:
+    """:func:`token_capacity` of each sequence (HF Switch routes each sequence as a group with
+    its own ``expert_capacity``), counted on the sequence's real tokens: ``[S]`` with padding,
+    else one number for all (no host-to-device copy)."""
     if valid_T is None:
-        return torch.full((num_seqs,), token_capacity(seq_len, top_k, num_experts,
-                                                      capacity_factor))
+        return token_capacity(seq_len, top_k, num_experts, capacity_factor)
     n_S = valid_T.view(num_seqs, seq_len).sum(dim=1).to(torch.float64)
     return torch.ceil(capacity_factor * n_S * top_k / num_experts).clamp_min(1).long()
 
@@ -170,7 +170,8 @@ def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int | torch.
     Megatron-LM's ``probs`` policy (``--moe-token-drop-policy probs``): each expert keeps its
     slots of highest combine weight, whatever their choice rank, so the least probable go
     first (ties by the GShard order). With ``seq_len``, capacity counts per sequence of
-    ``seq_len`` tokens (``capacity`` then ``[S]``, :func:`sequence_capacity`), else per batch.
+    ``seq_len`` tokens (``capacity`` one number or ``[S]``, :func:`sequence_capacity`), else
+    per batch.
     Dropped slots get weight 0; a token whose every slot is dropped passes through on the
     residual. Padding tokens (``valid_T`` False) never take capacity.
     """
@@ -190,7 +191,7 @@ def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int | torch.
         num_seqs = T // seq_len
         rank_N = rank_within_expert(seq_N * (num_experts + 1) + ids_N,
                                     num_seqs * (num_experts + 1), priority_N)
-        capacity_N = torch.as_tensor(capacity, device=ids_N.device).expand(num_seqs)[seq_N]
+        capacity_N = capacity[seq_N] if isinstance(capacity, torch.Tensor) else capacity
     kept_TK = (kept_KT.reshape(-1) & (rank_N < capacity_N)).view(K, T).t()
     return TokenChoice(choice.expert_ids_TK, choice.weights_TK * kept_TK, kept_TK)
 
