@@ -47,6 +47,14 @@ LAYER_CASES = [
     ("nothing to send from one rank", dict(top_k=2, capacity_factor=1.0), True, 12, "rank 1"),
     # Every slot picks experts 0 and 1 (the selection bias below): rank 1 gets no rows.
     ("zero rows to one rank", dict(top_k=2, bias_update_rate=0.1), True, 12, ""),
+    # The router options route per rank, before the dispatch, as the rest of routing does.
+    ("DeepSeek-V3 router, gated shared expert",
+     dict(top_k=2, score="sigmoid", normalize_topk=True, route_scale=2.5, expert_groups=2,
+          groups_per_token=1, num_shared_experts=1, d_shared=8, shared_gate="sigmoid",
+          balance_scope="sequence"), True, 12, "some"),
+    ("capacity per sequence, dropped by probability",
+     dict(top_k=2, capacity_factor=0.75, capacity_scope="sequence", drop_policy="probability"),
+     True, 12, "some"),
     # Few enough slots that one process would gather the experts' weights (decode path).
     ("eval, decode-sized", dict(top_k=2), False, 3, ""),
     ("eval, expert choice", dict(routing_mode="expert_choice", capacity_factor=2.0), False, 12,

@@ -279,6 +279,22 @@ def test_activation_estimate_matches_the_saved_tensors(preset, dtype):
     assert_close_to_measured(plan.activations.saved, measured)
 
 
+@pytest.mark.parametrize("options", [
+    ('shared_gate="sigmoid"',), ('score="sigmoid"', "normalize_topk=true"),
+    ('balance_scope="sequence"',), ("expert_groups=2", "groups_per_token=1", "route_scale=2.5"),
+    ("capacity_factor=1.0", 'capacity_scope="sequence"', 'drop_policy="probability"'),
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_estimate_with_the_router_options(options, dtype):
+    cfg = small("shared_expert", f'train.dtype="{dtype}"',
+                *(f"model.ffn.options.{o}" for o in options))
+    plan = make_plan(cfg, 1)
+    model = TransformerLM(cfg.model).train()
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    measured = saved_bytes(model, plan.batch.micro_batch, cfg.train.seq_len, amp)
+    assert_close_to_measured(plan.activations.saved, measured)
+
+
 def test_activation_estimate_with_bf16_weights_and_masters():
     """bf16-stored matrices are not copied by autocast; the tied output head still is."""
     cfg = small("switch", 'train.dtype="bfloat16"', 'train.param_dtype="bfloat16"')

@@ -14,18 +14,29 @@ The FFN becomes E experts and a router that sends each token to some of them:
   ``granularity = G`` and ``expansion = X`` mean X*G experts of width d_ff / G with
   top_k * G active, so the active FLOPs equal the dense FFN's;
 - shared experts (DeepSeekMoE, Dai et al. 2024): ``num_shared_experts`` always-on experts, one
-  dense ``MLP`` in ``shared_experts``.
+  dense ``MLP`` in ``shared_experts``; with ``shared_gate = "sigmoid"``, Qwen2-MoE's gate
+  ``sigmoid(shared_gate(x)) * shared_experts(x)``.
+
+Router (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2): ``score = "sigmoid"`` scores each expert
+on its own (eq. 15), ``route_scale`` multiplies the combine weights (HF's
+``routed_scaling_factor``), and ``expert_groups``/``groups_per_token`` limit each token to its
+best groups of experts (``n_group``/``topk_group``).
 
 Capacity (``capacity_factor``, training only): each expert takes at most
-``factor * T * k / E`` slots; the rest skip the layer (their residual passes through), or, with
-``no_token_left_behind``, try their next choices. Evaluation and decoding are dropless, so a
-token's output never depends on the other tokens in the batch.
+``factor * T * k / E`` slots, T the micro-batch's tokens or (``capacity_scope = "sequence"``,
+HF Switch) each sequence's; the rest skip the layer (their residual passes through), or, with
+``no_token_left_behind``, try their next choices. Which slots go first: GShard's position
+order, or (``drop_policy = "probability"``, Megatron-LM) the least probable. Evaluation and
+decoding are dropless, so a token's output never depends on the other tokens in the batch.
 
-Balance: Switch's load-balancing loss, ST-MoE's router z-loss, and the aux-loss-free router
-bias of DeepSeek-V3 (updated after each optimizer step from the loads, outside the loss).
+Balance: Switch's load-balancing loss, per micro-batch, per sequence (DeepSeek-V3's
+sequence-wise loss) or with the expert fractions of the global batch (Qiu et al. 2025; see
+:meth:`MoE._global_balance`); ST-MoE's router z-loss; and the aux-loss-free router bias of
+DeepSeek-V3 (updated after each optimizer step from the loads, outside the loss).
 
 Expert parallelism (``condcomp.distributed.expert_parallel``) splits the experts over ranks;
-routing, capacity, the losses and the statistics stay per rank, on the rank's own tokens.
+routing, capacity, the losses and the statistics stay per rank, on the rank's own tokens (but
+for the global-batch balance loss's expert counts, summed over every rank by design).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from condcomp import registry
@@ -45,6 +57,7 @@ from condcomp.model.mlp import MLP
 from condcomp.ranges import MAX_LOSS_WEIGHT, MAX_SIZE, ranged
 
 ROUTINGS = ("token_choice", "expert_choice")
+SHARED_GATES = ("none", "sigmoid")
 # Up to this many routed slots in eval mode, gather the chosen experts' weights (gpt-fast)
 # instead of sorting tokens: decoding moves k experts' weights, not a permutation.
 GATHER_MAX_SLOTS = 16
@@ -67,8 +80,9 @@ class MoE(nn.Module):
 
     Weights (public contract): ``router.weight`` ``[E, D]`` (bias-free linear), ``experts.w1``
     ``[E, D, H]``, ``experts.w2`` ``[E, H, D]``, ``experts.w3`` ``[E, D, H]`` for SwiGLU, and
-    ``shared_experts`` (a dense :class:`MLP`) when asked for. After each forward, ``aux_loss``
-    holds the weighted balance losses and ``stats`` the routing statistics.
+    ``shared_experts`` (a dense :class:`MLP`) when asked for, gated by ``shared_gate.weight``
+    ``[1, D]`` (bias-free linear) with ``shared_gate = "sigmoid"``. After each forward,
+    ``aux_loss`` holds the weighted balance losses and ``stats`` the routing statistics.
     """
 
     # condcomp.distributed.expert_parallel.shard_experts may split this layer's experts over
@@ -82,12 +96,27 @@ class MoE(nn.Module):
                  activation: str = "swiglu", load_balance_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, bias_update_rate: float = 0.0,
                  router_init_scale: float = 0.1, expert_dropout: float = 0.0,
-                 router_jitter: float = 0.0, num_noop_experts: int = 0) -> None:
+                 router_jitter: float = 0.0, num_noop_experts: int = 0,
+                 score: str = "softmax", route_scale: float = 1.0, expert_groups: int = 1,
+                 groups_per_token: int = 0, shared_gate: str = "none",
+                 capacity_scope: str = "batch", drop_policy: str = "position",
+                 balance_scope: str = "micro_batch") -> None:
         super().__init__()
         check_moe_shape(num_experts, top_k, routing_mode, capacity_factor)
         if num_noop_experts and (routing_mode != "token_choice" or no_token_left_behind):
             raise ConfigError("no-op experts (integrated MoDE) need token-choice routing "
                               "without no_token_left_behind")
+        check_router_options(
+            "MoE", num_experts=num_experts, top_k=top_k, routing_mode=routing_mode,
+            capacity_factor=capacity_factor, no_token_left_behind=no_token_left_behind,
+            num_noop_experts=num_noop_experts, num_shared_experts=num_shared_experts,
+            score=score, expert_groups=expert_groups, groups_per_token=groups_per_token,
+            shared_gate=shared_gate, capacity_scope=capacity_scope, drop_policy=drop_policy,
+            balance_scope=balance_scope)
+        self.score, self.route_scale = score, route_scale
+        self.expert_groups, self.groups_per_token = expert_groups, groups_per_token
+        self.capacity_scope, self.drop_policy = capacity_scope, drop_policy
+        self.balance_scope = balance_scope
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.routing_mode, self.normalize_topk = routing_mode, normalize_topk
         self.capacity_factor, self.no_token_left_behind = capacity_factor, no_token_left_behind
@@ -101,12 +130,18 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(num_experts, d_model, d_expert, activation, expert_dropout)
         self.shared_experts = (MLP(d_model, (d_shared or d_expert) * num_shared_experts, activation)
                                if num_shared_experts > 0 else None)
+        # Qwen2-MoE's shared_expert_gate: how much of the shared experts each token takes.
+        self.shared_gate = (nn.Linear(d_model, 1, bias=False) if shared_gate == "sigmoid"
+                            else None)
         # Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): a bias used only to choose experts,
         # nudged after each optimizer step toward under-loaded experts. Saved with the model.
         n_choices = num_experts + num_noop_experts
         self.register_buffer("selection_bias", torch.zeros(n_choices))
         self.register_buffer("_load_since_update", torch.zeros(n_choices), persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        # Global-batch balance (Qiu et al. 2025): slots per choice and their total, summed over
+        # the micro-batches (and ranks) of the step so far; reset after each optimizer step.
+        self.register_buffer("_balance_counts", torch.zeros(n_choices + 1), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
         self.init_weights(0.02, 0.02)
 
@@ -121,6 +156,8 @@ class MoE(nn.Module):
         self.experts.init_weights(std, residual_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, residual_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)  # Qwen2-MoE: initializer_range
 
     @property
     def experts_per_token(self) -> float:
@@ -144,6 +181,8 @@ class MoE(nn.Module):
         flops += self.experts_per_token * self.experts.flops_per_expert_token()
         if self.shared_experts is not None:
             flops += self.shared_experts.flops_per_token()
+        if self.shared_gate is not None:
+            flops += 2.0 * self.d_model
         return flops
 
     def active_params(self) -> int:
@@ -151,6 +190,8 @@ class MoE(nn.Module):
         active += round(self.experts_per_token * self.experts.params_per_expert())
         if self.shared_experts is not None:
             active += sum(p.numel() for p in self.shared_experts.parameters())
+        if self.shared_gate is not None:
+            active += self.shared_gate.weight.numel()
         return active
 
     # ------------------------------------------------------------------ forward
@@ -168,22 +209,26 @@ class MoE(nn.Module):
             noise = torch.empty_like(x_TD).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
             router_in = x_TD * noise
         logits_TE = self.router(router_in)
-        probs_TE = routing.router_probs(logits_TE)
+        probs_TE = routing.router_scores(logits_TE, self.score)
 
         if self.routing_mode == "expert_choice" and self.training:
             out = self._expert_choice(x_TD, probs_TE, valid_T)
         else:
-            out = self._token_choice(x_TD, probs_TE, valid_T)
+            out = self._token_choice(x_TD, probs_TE, valid_T, T)
         y_TD = out.y_TD
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * ...
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         z_loss = routing.router_z_loss(logits_TE, valid_T)
         self.aux_loss = self.load_balance_coef * out.balance + self.z_loss_coef * z_loss
         with torch.no_grad():
             if self.training and self.bias_update_rate > 0:
                 self._load_since_update += out.choice_load
-            real_probs = probs_TE if valid_T is None else probs_TE[valid_T]
+            dist_TE = routing.score_distribution(probs_TE, self.score)
+            real_probs = dist_TE if valid_T is None else dist_TE[valid_T]
             self.stats = {
                 "tokens_per_expert": out.load_E / out.load_E.sum().clamp_min(1.0),
                 "dropped_fraction": out.dropped,
@@ -199,12 +244,15 @@ class MoE(nn.Module):
         return y_TD.view(B, T, D)
 
     def _token_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
-                      valid_T: torch.Tensor | None) -> _Dispatched:
+                      valid_T: torch.Tensor | None, seq_len: int) -> _Dispatched:
         E = self.num_experts
         k = self.top_k if self.training else self._eval_top_k()
+        # DeepSeek-V3 (eq. 16): the bias is added to whichever scores route, sigmoid or softmax;
+        # it picks the experts, the unbiased scores weigh them.
         bias = self.selection_bias if self.bias_update_rate > 0 else None
-        choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias)
-        balance = routing.load_balance_loss(probs_TE, choice.expert_ids_TK, valid_T)
+        choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias,
+                                      self.expert_groups, self.groups_per_token)
+        balance = self._balance_loss(probs_TE, choice.expert_ids_TK, valid_T, seq_len)
         choice_load = routing.count_per_expert(choice.expert_ids_TK, probs_TE.shape[1]).float()
         noop_TK = choice.expert_ids_TK >= E
         # Whether any slot can be left out (padding, a no-op expert, capacity): if none can,
@@ -219,11 +267,9 @@ class MoE(nn.Module):
             # No-op slots skip the experts; clamp their ids so every index stays in range.
             choice.expert_ids_TK = torch.where(noop_TK, E - 1, choice.expert_ids_TK)
         if self.training and self.capacity_factor is not None:
-            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
-            capacity = routing.token_capacity(n_real, k, E, self.capacity_factor)
-            choice = routing.apply_capacity(choice, E, capacity, valid_T)
-            if self.no_token_left_behind:
-                choice = routing.reroute_overflow(choice, probs_TE, capacity, valid_T)
+            choice = self._apply_capacity(choice, probs_TE, k, valid_T, seq_len)
+        if self.route_scale != 1.0:  # DeepSeek-V3's routed_scaling_factor, after the top-k norm
+            choice.weights_TK = choice.weights_TK * self.route_scale
 
         T = x_TD.shape[0]
         # Under expert parallelism, the dispatch path even for a few tokens: gathering needs
@@ -253,11 +299,64 @@ class MoE(nn.Module):
                 dropped = torch.where(valid_T.any(), dropped, 0.0)
         return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots)
 
+    def _apply_capacity(self, choice: routing.TokenChoice, probs_TE: torch.Tensor, k: int,
+                        valid_T: torch.Tensor | None, seq_len: int) -> routing.TokenChoice:
+        E, T = self.num_experts, probs_TE.shape[0]
+        if self.capacity_scope == "sequence":  # HF Switch: each sequence is a routing group
+            capacity = routing.sequence_capacity(valid_T, T // seq_len, seq_len, k, E,
+                                                 self.capacity_factor)
+            return routing.apply_capacity(choice, E, capacity, valid_T, self.drop_policy,
+                                          seq_len)
+        n_real = T if valid_T is None else int(valid_T.sum())
+        capacity = routing.token_capacity(n_real, k, E, self.capacity_factor)
+        choice = routing.apply_capacity(choice, E, capacity, valid_T, self.drop_policy)
+        if self.no_token_left_behind:
+            choice = routing.reroute_overflow(choice, probs_TE, capacity, valid_T)
+        return choice
+
+    def _balance_loss(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                      valid_T: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+        """Switch's balance loss over the micro-batch, per sequence, or with global-batch
+        fractions; on sigmoid scores normalised per token (DeepSeek-V3 eq. 19)."""
+        dist_TE = routing.score_distribution(probs_TE, self.score)
+        if self.balance_scope == "sequence":
+            return routing.sequence_balance_loss(dist_TE, expert_ids_TK, seq_len, valid_T)
+        if self.balance_scope == "global_batch":
+            return self._global_balance(dist_TE, expert_ids_TK, valid_T)
+        return routing.load_balance_loss(dist_TE, expert_ids_TK, valid_T)
+
+    def _global_balance(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                        valid_T: torch.Tensor | None) -> torch.Tensor:
+        """Global-batch balance (Qiu et al. 2025, arXiv 2501.11873, sec. 3; Megatron-LM's
+        ``global_aux_loss``): E * sum_i f_i P_i with P_i this micro-batch's mean score and f_i
+        the share of slots that chose expert i counted over the step so far: this
+        micro-batch and the earlier ones since the last optimizer step, summed over every rank
+        of the default process group (one all-reduce of ``[E + 1]`` counts per layer and
+        forward, when ``torch.distributed`` is initialized with more than one rank).
+
+        The exact global-batch loss would need the counts of micro-batches not yet run; this
+        running count (Megatron's) equals it on the step's last micro-batch, and so on every
+        micro-batch when each rank runs one per step: then the summed gradient over the ranks
+        is the single process's gradient of the loss on the concatenated batch. Earlier
+        micro-batches of a step weigh P by the fractions seen so far. In eval mode f is the
+        micro-batch's own (no exchange, nothing counted). A skipped step (non-finite loss)
+        does not reset the count, which then runs over two steps."""
+        counts = routing.slot_counts(expert_ids_TK, probs_TE.shape[1], valid_T)
+        if self.training:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)
+            self._balance_counts += counts
+            counts = self._balance_counts.clone()
+        f_E = counts[:-1] / counts[-1].clamp_min(1.0)
+        return routing.balance_from_fractions(f_E, probs_TE, valid_T)
+
     def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
                        valid_T: torch.Tensor | None) -> _Dispatched:
         T, D = x_TD.shape
         capacity = max(1, int(self.capacity_factor * T / self.num_experts))
         token_idx_EC, weights_EC = routing.expert_choice(probs_TE, capacity, valid_T)
+        if self.route_scale != 1.0:
+            weights_EC = weights_EC * self.route_scale
         out_ECD = self.experts.forward_batched(x_TD[token_idx_EC])
         weighted = (out_ECD * weights_EC.unsqueeze(-1).to(out_ECD.dtype)).reshape(-1, D)
         y_TD = torch.zeros(T, D, dtype=weighted.dtype, device=x_TD.device)
@@ -285,7 +384,9 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Aux-loss-free balancing: b_i += rate * sign(mean load - load_i) (DeepSeek-V3)."""
+        """Aux-loss-free balancing: b_i += rate * sign(mean load - load_i) (DeepSeek-V3); and
+        the global-batch balance count starts over for the next step."""
+        self._balance_counts.zero_()
         if self.bias_update_rate <= 0:
             return
         load_E = self._load_since_update
@@ -313,6 +414,85 @@ def check_moe_shape(num_experts: int, top_k: int, routing_mode: str,
     if routing_mode == "expert_choice" and capacity_factor is None:
         raise ConfigError(f"{key}: expert choice needs capacity_factor (Zhou et al. use 2.0): "
                           "each expert takes capacity_factor * tokens / num_experts tokens")
+
+
+def _one_of(key: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}.{name} = {value!r} is unknown; use one of {allowed}")
+
+
+def check_router_options(key: str, *, num_experts: int, top_k: int, routing_mode: str,
+                         capacity_factor: float | None, no_token_left_behind: bool,
+                         num_noop_experts: int, num_shared_experts: int, score: str,
+                         expert_groups: int, groups_per_token: int, shared_gate: str,
+                         capacity_scope: str, drop_policy: str, balance_scope: str) -> None:
+    """The router options that only make sense together; one ConfigError naming the keys."""
+    _one_of(key, "score", score, routing.SCORES)
+    _one_of(key, "shared_gate", shared_gate, SHARED_GATES)
+    _one_of(key, "capacity_scope", capacity_scope, routing.CAPACITY_SCOPES)
+    _one_of(key, "drop_policy", drop_policy, routing.DROP_POLICIES)
+    _one_of(key, "balance_scope", balance_scope, routing.BALANCE_SCOPES)
+    expert_choice = routing_mode == "expert_choice"
+    if expert_choice and score != "softmax":
+        raise ConfigError(f"{key}.score = {score!r} needs {key}.routing = \"token_choice\": "
+                          "expert choice ranks tokens by Zhou et al.'s softmax gate")
+    if expert_choice and balance_scope != "micro_batch":
+        raise ConfigError(f"{key}.balance_scope = {balance_scope!r} needs {key}.routing = "
+                          "\"token_choice\": expert choice is balanced by construction and has "
+                          "no balance loss")
+    if shared_gate != "none" and num_shared_experts < 1:
+        raise ConfigError(f"{key}.shared_gate = {shared_gate!r} gates the shared experts; set "
+                          f"{key}.num_shared_experts >= 1 or shared_gate = \"none\"")
+    _check_capacity_options(key, routing_mode, capacity_factor, no_token_left_behind,
+                            capacity_scope, drop_policy)
+    _check_groups(key, num_experts, top_k, routing_mode, no_token_left_behind,
+                  num_noop_experts, expert_groups, groups_per_token)
+
+
+def _check_capacity_options(key: str, routing_mode: str, capacity_factor: float | None,
+                            no_token_left_behind: bool, capacity_scope: str,
+                            drop_policy: str) -> None:
+    for name, value, default in (("capacity_scope", capacity_scope, "batch"),
+                                 ("drop_policy", drop_policy, "position")):
+        if value == default:
+            continue
+        if routing_mode != "token_choice" or capacity_factor is None:
+            raise ConfigError(f"{key}.{name} = {value!r} shapes token-choice capacity: it needs "
+                              f"{key}.routing = \"token_choice\" and a {key}.capacity_factor")
+    if capacity_scope == "sequence" and no_token_left_behind:
+        raise ConfigError(f"{key}.no_token_left_behind re-routes against the batch's capacity; "
+                          f"it cannot run with {key}.capacity_scope = \"sequence\"")
+
+
+def _check_groups(key: str, num_experts: int, top_k: int, routing_mode: str,
+                  no_token_left_behind: bool, num_noop_experts: int, expert_groups: int,
+                  groups_per_token: int) -> None:
+    """DeepSeek-V3's group-limited routing (n_group, topk_group)."""
+    if expert_groups < 1 or groups_per_token < 0:
+        raise ConfigError(f"{key}.expert_groups = {expert_groups} must be at least 1 and "
+                          f"{key}.groups_per_token = {groups_per_token} at least 0 (0: all)")
+    if groups_per_token > expert_groups:
+        raise ConfigError(f"{key}.groups_per_token = {groups_per_token} is more than "
+                          f"{key}.expert_groups = {expert_groups}")
+    if expert_groups == 1:
+        return
+    if num_experts % expert_groups:
+        raise ConfigError(f"{key}.expert_groups = {expert_groups} does not divide "
+                          f"{key}.num_experts = {num_experts}")
+    if num_experts // expert_groups < 2:
+        raise ConfigError(f"{key}.expert_groups = {expert_groups} leaves fewer than 2 experts "
+                          f"per group of {key}.num_experts = {num_experts}; a group's score is "
+                          "the sum of its top 2 (DeepSeek-V3)")
+    kept = (groups_per_token or expert_groups) * (num_experts // expert_groups)
+    if top_k > kept:
+        raise ConfigError(f"{key}.top_k = {top_k} is more than the {kept} experts of the "
+                          f"{key}.groups_per_token kept groups")
+    others = [name for name, on in (("routing = \"expert_choice\"", routing_mode != "token_choice"),
+                                    ("no_token_left_behind", no_token_left_behind),
+                                    ("num_noop_experts", num_noop_experts > 0)) if on]
+    if others:
+        raise ConfigError(f"{key}.expert_groups > 1 limits each token's choice of experts; it "
+                          f"cannot run with {key}." + f", {key}.".join(others))
 
 
 # ----------------------------------------------------------------------------- config
@@ -349,6 +529,24 @@ class MoEOptions:
     router_jitter: float = ranged(0.0, ge=0.0, le=1.0)
     # integrated MoDE: experts that do nothing (skip the layer)
     num_noop_experts: int = ranged(0, ge=0, le=MAX_SIZE)
+    # Router (DeepSeek-V3 sec. 2.1.2): "softmax" | "sigmoid" scores (eq. 15; normalize_topk
+    # then renormalises the chosen scores, eq. 13)
+    score: str = "softmax"
+    # multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 in V3)
+    route_scale: float = ranged(1.0, gt=0.0, le=1e3)
+    # group-limited routing (DeepSeek-V3 n_group / topk_group): E / expert_groups experts per
+    # group; each token keeps its groups_per_token best groups (0: all of them)
+    expert_groups: int = ranged(1, gt=0, le=MAX_SIZE)
+    groups_per_token: int = ranged(0, ge=0, le=MAX_SIZE)
+    # "none" | "sigmoid": Qwen2-MoE's gate sigmoid(shared_gate(x)) on the shared experts
+    shared_gate: str = "none"
+    # capacity counted per "batch" (the micro-batch) | "sequence" (HF Switch)
+    capacity_scope: str = "batch"
+    # overflow dropped by "position" (GShard) | "probability" (Megatron-LM's probs policy)
+    drop_policy: str = "position"
+    # the balance loss over the "micro_batch" | "sequence" (DeepSeek-V3) | "global_batch"
+    # (Qiu et al. 2025: expert fractions over the step's micro-batches and data ranks)
+    balance_scope: str = "micro_batch"
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
@@ -388,6 +586,15 @@ class MoEOptions:
         if opts.num_noop_experts and (opts.routing != "token_choice" or opts.no_token_left_behind):
             raise ConfigError("model.ffn.num_noop_experts (integrated MoDE) needs token-choice "
                               "routing without no_token_left_behind")
+        check_router_options(
+            "model.ffn", num_experts=opts.num_experts, top_k=opts.top_k,
+            routing_mode=opts.routing, capacity_factor=opts.capacity_factor,
+            no_token_left_behind=opts.no_token_left_behind,
+            num_noop_experts=opts.num_noop_experts, num_shared_experts=opts.num_shared_experts,
+            score=opts.score, expert_groups=opts.expert_groups,
+            groups_per_token=opts.groups_per_token, shared_gate=opts.shared_gate,
+            capacity_scope=opts.capacity_scope, drop_policy=opts.drop_policy,
+            balance_scope=opts.balance_scope)
 
 
 def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
@@ -400,7 +607,11 @@ def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
                activation=cfg.activation, load_balance_coef=o.load_balance_coef,
                z_loss_coef=o.z_loss_coef, bias_update_rate=o.bias_update_rate,
                router_init_scale=o.router_init_scale, expert_dropout=o.expert_dropout,
-               router_jitter=o.router_jitter, num_noop_experts=o.num_noop_experts)
+               router_jitter=o.router_jitter, num_noop_experts=o.num_noop_experts,
+               score=o.score, route_scale=o.route_scale, expert_groups=o.expert_groups,
+               groups_per_token=o.groups_per_token, shared_gate=o.shared_gate,
+               capacity_scope=o.capacity_scope, drop_policy=o.drop_policy,
+               balance_scope=o.balance_scope)
 
 
 registry.register(registry.Family("moe", "ffn", MoEOptions, _build, "mixture of experts"))

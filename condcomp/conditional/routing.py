@@ -7,6 +7,12 @@ no-token-left-behind (Switch, app. / "No Token Left Behind") re-routes overflow 
 choice with room. The balance losses are Switch's (eq. 4) and ST-MoE's router z-loss
 (Zoph et al. 2022, eq. 5).
 
+DeepSeek-V3 (arXiv 2412.19437, sec. 2.1.2) adds sigmoid scores (eq. 15), group-limited
+routing (its "node-limited routing", sec. 2.1.2, as HF's ``DeepseekV3TopkRouter`` computes
+it), and a sequence-wise balance loss (eqs. 17-20). Megatron-LM's ``probs`` drop policy keeps
+each expert's most probable slots; Qiu et al. 2025 (arXiv 2501.11873) count the balance
+loss's expert fractions over the global batch.
+
 Everything here works on flattened tokens: ``T`` is the number of tokens in the batch.
 """
 
@@ -37,15 +43,56 @@ def router_probs(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits_TE.float(), dim=-1)
 
 
-def token_choice(probs_TE: torch.Tensor, top_k: int, normalize_topk: bool = False,
-                 selection_bias_E: torch.Tensor | None = None) -> TokenChoice:
-    """Each token's ``top_k`` most probable distinct experts.
+SCORES = ("softmax", "sigmoid")
 
-    ``selection_bias_E`` (aux-loss-free balancing, DeepSeek-V3 sec. 2.1.2) shifts which
-    experts are *chosen* but not the combine weights, which stay the router's probabilities
-    (renormalised over the chosen k when ``normalize_topk``, as in Mixtral).
+
+def router_scores(logits_TE: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """The router's scores in float32: softmax over the experts, or DeepSeek-V3's per-expert
+    sigmoid (eq. 15: s_{i,t} = sigmoid(u_t^T e_i)), which does not make experts compete."""
+    if score == "sigmoid":
+        return torch.sigmoid(logits_TE.float())
+    return router_probs(logits_TE)
+
+
+def score_distribution(scores_TE: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """The scores as a distribution over the experts, for the balance losses and the entropy:
+    softmax probabilities as they are; sigmoid scores normalised per token, DeepSeek-V3
+    eq. 19 (s'_{i,t} = s_{i,t} / sum_j s_{j,t})."""
+    if score == "sigmoid":
+        return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return scores_TE
+
+
+def group_limited(choice_scores_TE: torch.Tensor, num_groups: int,
+                  groups_per_token: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited routing, as HF's ``DeepseekV3TopkRouter``: a group's score
+    is the sum of its two highest (bias-corrected) expert scores; each token keeps its
+    ``groups_per_token`` best groups, and the experts of the other groups get -inf so top-k
+    never picks them. The groups are contiguous runs of E / num_groups experts (in DeepSeek-V3,
+    the experts of one node, which bounds the nodes a token is sent to)."""
+    T, E = choice_scores_TE.shape
+    per_group = E // num_groups
+    group_scores_TG = choice_scores_TE.view(T, num_groups, per_group).topk(2, dim=-1).values.sum(-1)
+    kept_groups_TG = group_scores_TG.topk(groups_per_token, dim=-1, sorted=False).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_groups_TG, True)
+    keep_TE = keep_TG.repeat_interleave(per_group, dim=1)
+    return choice_scores_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def token_choice(probs_TE: torch.Tensor, top_k: int, normalize_topk: bool = False,
+                 selection_bias_E: torch.Tensor | None = None, num_groups: int = 1,
+                 groups_per_token: int = 0) -> TokenChoice:
+    """Each token's ``top_k`` highest-scoring distinct experts.
+
+    ``selection_bias_E`` (aux-loss-free balancing, DeepSeek-V3 sec. 2.1.2, eq. 16) shifts which
+    experts are *chosen* but not the combine weights, which stay the router's scores
+    (renormalised over the chosen k when ``normalize_topk``, as in Mixtral and DeepSeek-V3's
+    eq. 13 for sigmoid scores). With ``num_groups > 1`` and ``0 < groups_per_token <
+    num_groups``, the choice is limited to each token's best groups (:func:`group_limited`).
     """
     scores_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
+    if num_groups > 1 and 0 < groups_per_token < num_groups:
+        scores_TE = group_limited(scores_TE, num_groups, groups_per_token)
     expert_ids_TK = torch.topk(scores_TE, top_k, dim=-1, sorted=True).indices
     weights_TK = probs_TE.gather(1, expert_ids_TK)
     if normalize_topk:
@@ -74,12 +121,19 @@ def count_per_expert(expert_ids_N: torch.Tensor, num_experts: int,
     return counts.scatter_add_(0, ids_N, weights_N.reshape(-1))
 
 
-def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int,
+                       priority_N: torch.Tensor | None = None) -> torch.Tensor:
     """For each entry, how many earlier entries chose the same expert (0 for the first).
 
     A stable sort by expert keeps the original order within each expert, so the rank is the
     position in the sorted run minus the run's start. O(N log N), no [N, E] one-hot.
+    With ``priority_N``, entries of higher priority come first (ties: earlier first).
     """
+    if priority_N is not None:
+        by_priority_N = torch.argsort(priority_N, descending=True, stable=True)
+        rank_N = torch.empty_like(by_priority_N)
+        rank_N[by_priority_N] = rank_within_expert(expert_ids_N[by_priority_N], num_experts)
+        return rank_N
     order_N = torch.argsort(expert_ids_N, stable=True)
     counts_E = count_per_expert(expert_ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
@@ -91,14 +145,35 @@ def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int) -> torch.Te
     return rank_N
 
 
-def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int,
-                   valid_T: torch.Tensor | None = None) -> TokenChoice:
+DROP_POLICIES = ("position", "probability")
+CAPACITY_SCOPES = ("batch", "sequence")
+
+
+def sequence_capacity(valid_T: torch.Tensor | None, num_seqs: int, seq_len: int, top_k: int,
+                      num_experts: int, capacity_factor: float) -> int | torch.Tensor:
+    """:func:`token_capacity` of each sequence (HF Switch routes each sequence as a group with
+    its own ``expert_capacity``), counted on the sequence's real tokens: ``[S]`` with padding,
+    else one number for all (no host-to-device copy)."""
+    if valid_T is None:
+        return token_capacity(seq_len, top_k, num_experts, capacity_factor)
+    n_S = valid_T.view(num_seqs, seq_len).sum(dim=1).to(torch.float64)
+    return torch.ceil(capacity_factor * n_S * top_k / num_experts).clamp_min(1).long()
+
+
+def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int | torch.Tensor,
+                   valid_T: torch.Tensor | None = None, drop_policy: str = "position",
+                   seq_len: int | None = None) -> TokenChoice:
     """Drop the slots past each expert's capacity.
 
-    Priority follows GShard: every token's first choice is served before any second choice,
-    and within a choice, earlier tokens first. Dropped slots get weight 0; a token whose every
-    slot is dropped passes through on the residual. Padding tokens (``valid_T`` False) never
-    take capacity.
+    ``drop_policy = "position"`` follows GShard: every token's first choice is served before
+    any second choice, and within a choice, earlier tokens first. ``"probability"`` is
+    Megatron-LM's ``probs`` policy (``--moe-token-drop-policy probs``): each expert keeps its
+    slots of highest combine weight, whatever their choice rank, so the least probable go
+    first (ties by the GShard order). With ``seq_len``, capacity counts per sequence of
+    ``seq_len`` tokens (``capacity`` one number or ``[S]``, :func:`sequence_capacity`), else
+    per batch.
+    Dropped slots get weight 0; a token whose every slot is dropped passes through on the
+    residual. Padding tokens (``valid_T`` False) never take capacity.
     """
     T, K = choice.expert_ids_TK.shape
     ids_KT = choice.expert_ids_TK.t()
@@ -107,8 +182,17 @@ def apply_capacity(choice: TokenChoice, num_experts: int, capacity: int,
         kept_KT = kept_KT & valid_T.unsqueeze(0)
     # Entries not kept are sent to a virtual expert E so they take no capacity.
     ids_N = torch.where(kept_KT, ids_KT, num_experts).reshape(-1)
-    rank_N = rank_within_expert(ids_N, num_experts + 1)
-    kept_TK = (kept_KT.reshape(-1) & (rank_N < capacity)).view(K, T).t()
+    priority_N = choice.weights_TK.t().reshape(-1) if drop_policy == "probability" else None
+    if seq_len is None:
+        rank_N = rank_within_expert(ids_N, num_experts + 1, priority_N)
+        capacity_N = capacity
+    else:  # one queue per (sequence, expert): expert ids offset by the sequence's index
+        seq_N = (torch.arange(T, device=ids_N.device) // seq_len).repeat(K)
+        num_seqs = T // seq_len
+        rank_N = rank_within_expert(seq_N * (num_experts + 1) + ids_N,
+                                    num_seqs * (num_experts + 1), priority_N)
+        capacity_N = capacity[seq_N] if isinstance(capacity, torch.Tensor) else capacity
+    kept_TK = (kept_KT.reshape(-1) & (rank_N < capacity_N)).view(K, T).t()
     return TokenChoice(choice.expert_ids_TK, choice.weights_TK * kept_TK, kept_TK)
 
 
@@ -181,6 +265,54 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
     f_E = count_per_expert(expert_ids_TK, E).to(probs_TE.dtype) / expert_ids_TK.numel()
     P_E = probs_TE.mean(dim=0)
     return E * torch.sum(f_E * P_E)
+
+
+BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch")
+
+
+def slot_counts(expert_ids_TK: torch.Tensor, num_choices: int,
+                valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing slots per choice before capacity, real tokens only, and their total last:
+    ``[E + 1]`` float32 (one tensor, so a global-batch count is one all-reduce)."""
+    if valid_T is not None:
+        expert_ids_TK = expert_ids_TK[valid_T]
+    counts_E = count_per_expert(expert_ids_TK, num_choices).float()
+    return torch.cat((counts_E, counts_E.new_tensor([expert_ids_TK.numel()])))
+
+
+def balance_from_fractions(f_E: torch.Tensor, probs_TE: torch.Tensor,
+                           valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch eq. 4 with given fractions ``f_E``: E * sum_i f_i * P_i, P over the real tokens
+    of ``probs_TE`` (the only factor that carries a gradient)."""
+    if valid_T is not None:
+        probs_TE = probs_TE[valid_T]
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    return probs_TE.shape[1] * torch.sum(f_E.to(probs_TE.dtype) * probs_TE.mean(dim=0))
+
+
+def sequence_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, seq_len: int,
+                          valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eqs. 17-20; also HF Switch's
+    ``load_balancing_loss_func``, whose groups are the sequences): Switch's loss of each
+    sequence alone, E * sum_i f_i P_i with f_i = count_i / (K * T_seq) (eq. 18 up to its
+    factor E, which eq. 17's form carries here) and P_i the sequence's mean score (eq. 20),
+    averaged over the sequences that have real tokens."""
+    T, E = probs_TE.shape
+    S, K = T // seq_len, expert_ids_TK.shape[1]
+    valid_ST = (torch.ones(S, seq_len, dtype=torch.bool, device=probs_TE.device)
+                if valid_T is None else valid_T.view(S, seq_len))
+    real_S = valid_ST.sum(dim=1).to(probs_TE.dtype)
+    ids_SN = (expert_ids_TK.view(S, seq_len * K)
+              + E * torch.arange(S, device=probs_TE.device).unsqueeze(1))
+    weights_SN = valid_ST.repeat_interleave(K, dim=1).to(probs_TE.dtype)
+    counts_SE = count_per_expert(ids_SN, S * E, weights_SN).view(S, E)
+    f_SE = counts_SE / (K * real_S).clamp_min(1).unsqueeze(1)
+    P_SE = (probs_TE.view(S, seq_len, E) * valid_ST.unsqueeze(-1)).sum(1) / real_S.clamp_min(
+        1).unsqueeze(1)
+    loss_S = E * (f_SE * P_SE).sum(dim=1)
+    has_real_S = real_S > 0
+    return (loss_S * has_real_S).sum() / has_real_S.sum().clamp_min(1)
 
 
 def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:

@@ -127,13 +127,14 @@ def estimate_activations(model: TransformerLM, precision: Precision, layout: Lay
     tokens = micro_batch * seq_len
     estimate = ActivationEstimate(tokens)
     try:
-        _count(model, precision, layout, estimate)
+        _count(model, precision, layout, estimate, micro_batch)
     except _Unmodelled as exc:
         return ActivationEstimate(tokens, unmodelled=str(exc))
     return estimate
 
 
-def _count(model: TransformerLM, p: Precision, layout: Layout, out: ActivationEstimate) -> None:
+def _count(model: TransformerLM, p: Precision, layout: Layout, out: ActivationEstimate,
+           sequences: int) -> None:
     cfg, T = model.cfg, out.tokens
     if not isinstance(model.stream, PlainStream):
         raise _Unmodelled(f"residual stream {type(model.stream).__name__}")
@@ -146,7 +147,7 @@ def _count(model: TransformerLM, p: Precision, layout: Layout, out: ActivationEs
         block = layer.block
         out.norms += 2 * norm * T
         out.attention += _attention_bytes(block.attn, p) * T
-        out.ffn += _ffn_bytes(block.ffn, p, T)
+        out.ffn += _ffn_bytes(block.ffn, p, T, sequences)
         if block.dropout is not None:  # the masks of the attention and FFN updates
             out.attention += p.dropout_mask * cfg.d_model * T
             out.ffn += p.dropout_mask * cfg.d_model * T
@@ -182,25 +183,30 @@ def _hidden_copies(activation: str) -> int:
     return {"swiglu": 4, "gelu": 2, "relu": 1}[activation]
 
 
-def _ffn_bytes(ffn: nn.Module, p: Precision, tokens: int) -> int:
+def _ffn_bytes(ffn: nn.Module, p: Precision, tokens: int, sequences: int) -> int:
     if isinstance(ffn, MLP):
         readers = 2 if ffn.gated else 1
         per_token = p.norm_output(readers) * ffn.d_model \
             + p.compute * _hidden_copies(ffn.activation) * ffn.d_hidden
         return per_token * tokens
     if isinstance(ffn, MoE):
-        return _moe_bytes(ffn, p, tokens)
+        return _moe_bytes(ffn, p, tokens, sequences)
     raise _Unmodelled(f"FFN {type(ffn).__name__}")
 
 
-def _moe_bytes(moe: MoE, p: Precision, tokens: int) -> int:
+def _moe_bytes(moe: MoE, p: Precision, tokens: int, sequences: int) -> int:
     D, experts = moe.d_model, moe.experts
     choices = moe.num_experts + moe.num_noop_experts
     shared = moe.shared_experts
     jitter = moe.router_jitter > 0
     # The router reads the norm's output, unless jitter gives it a noisy copy of its own.
     readers = (0 if jitter else 1) + (0 if shared is None else 2 if shared.gated else 1)
+    readers += 0 if moe.shared_gate is None else 1
     per_token = p.norm_output(readers) * D
+    if moe.shared_gate is not None:  # the shared output and its gate, saved by the product
+        per_token += p.compute * D + p.compute
+    if moe.score == "sigmoid":  # the per-token sum that normalises the scores, and its clamp
+        per_token += 2 * FP32
     if jitter:  # the noise, in the stream's dtype, and the router's noisy input
         per_token += p.stream * D + p.compute * D
     per_token += 2 * FP32 * choices + FP32  # probabilities, z-loss logits, their LSE
@@ -222,12 +228,14 @@ def _moe_bytes(moe: MoE, p: Precision, tokens: int) -> int:
     k = moe.top_k
     may_drop = moe.capacity_factor is not None or moe.num_noop_experts > 0
     per_token += INDEX * k + (MASK * k if may_drop else 0)
-    if moe.normalize_topk:  # the division saves the chosen weights and their sum
-        per_token += FP32 * k + FP32
+    if moe.normalize_topk:  # the division saves the chosen weights and their clamped sum,
+        per_token += FP32 * k + 2 * FP32  # the clamp the sum
     # Dispatched input, hidden units, output for the combine, the slot's weight, the
     # permutation and its inverse, and the mask that zeroes dropped slots.
     per_slot = 2 * p.compute * D + hidden + FP32 + 2 * INDEX + (MASK if may_drop else 0)
     balance = FP32 * choices  # per layer: the expert fractions of the balance loss
+    if moe.balance_scope == "sequence":  # each sequence's fractions, real tokens and count
+        balance = FP32 * sequences * (choices + 1) + MASK * (tokens + sequences) + INDEX
     return per_token * tokens + per_slot * tokens * k + balance
 
 
