@@ -430,3 +430,15 @@ def test_the_router_options_compile_without_graph_breaks(options, monkeypatch):
     x = torch.randint(0, 97, (2, 16))
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_a_loaded_selection_bias_routes_without_updates():
+    """DeepSeek-V3's correction bias, loaded into a layer that does not update it
+    (bias_update_rate = 0), still picks the experts; the unbiased scores still weigh them."""
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 4, top_k=1, score="sigmoid").eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        layer.selection_bias[2] = 10.0
+        layer(x)
+    assert layer.stats["tokens_per_expert"].tolist() == [0.0, 0.0, 1.0, 0.0]

@@ -248,8 +248,10 @@ class MoE(nn.Module):
         E = self.num_experts
         k = self.top_k if self.training else self._eval_top_k()
         # DeepSeek-V3 (eq. 16): the bias is added to whichever scores route, sigmoid or softmax;
-        # it picks the experts, the unbiased scores weigh them.
-        bias = self.selection_bias if self.bias_update_rate > 0 else None
+        # it picks the experts, the unbiased scores weigh them. Always added, so a bias loaded
+        # from a checkpoint (DeepSeek-V3's e_score_correction_bias) routes in a run that does
+        # not update it; a zero bias chooses exactly what no bias chooses.
+        bias = self.selection_bias
         choice = routing.token_choice(probs_TE, k, self.normalize_topk, bias,
                                       self.expert_groups, self.groups_per_token)
         balance = self._balance_loss(probs_TE, choice.expert_ids_TK, valid_T, seq_len)
