@@ -90,6 +90,10 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
                 f"model.{seam_name}.kind = {seam.kind!r}: HF Llama has no equivalent of this "
                 f"conditional family; only dense models ({seam_name} = {default!r}) convert"
             )
+    if cfg.attention.kind == "dense" and cfg.attention.options:
+        raise ConfigError(f"model.attention options {cfg.attention.options}: HF Llama has no "
+                          "Q/K norm or Q/K/V clamp; only plain dense attention converts (the "
+                          "MoE architectures of condcomp import-hf / export-hf have them)")
     d_ff = cfg.ffn.options.get("d_ff", 0) if cfg.ffn.kind == "mlp" else 0
     if d_ff and d_ff != cfg.ffn_hidden:
         raise ConfigError(
@@ -115,7 +119,8 @@ def _check_modules(model: TransformerLM) -> None:
             raise ConfigError(f"layer {i} is wrapped by {type(layer).__name__}: HF Llama has no "
                               "equivalent; only the dense wrapper ('full') converts")
         block = layer.block
-        if not isinstance(block.attn.qkv, DenseQKV):
+        if not isinstance(block.attn.qkv, DenseQKV) or block.attn.qkv.qk_norm != "none" \
+                or block.attn.qkv.clip_qkv:
             raise ConfigError(f"layer {i} uses {type(block.attn.qkv).__name__} projections: HF "
                               "Llama has no equivalent; only dense attention converts")
         if not isinstance(block.ffn, MLP) or block.ffn.activation != "swiglu":
