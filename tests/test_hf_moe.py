@@ -35,7 +35,8 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
 
 
 def hf_config(arch: str, **overrides):
-    """A tiny config of ``arch``; the OLMoE clamp is small enough to bite."""
+    """A tiny config of ``arch``; the OLMoE clamp is small enough to bite, and Qwen3-MoE's
+    heads are twice hidden_size / num_attention_heads wide, as in the released models."""
     kw = dict(SHAPE, **overrides)
     if arch == "mixtral":
         return transformers.MixtralConfig(**{"intermediate_size": 48, "num_local_experts": 4,
@@ -43,7 +44,7 @@ def hf_config(arch: str, **overrides):
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**{
             "intermediate_size": 64, "moe_intermediate_size": 48, "num_experts": 4,
-            "num_experts_per_tok": 2, "head_dim": 8, "norm_topk_prob": True,
+            "num_experts_per_tok": 2, "head_dim": 16, "norm_topk_prob": True,
             "tie_word_embeddings": True, **kw})
     if arch == "olmoe":
         return transformers.OlmoeConfig(**{"intermediate_size": 48, "num_experts": 4,
@@ -175,7 +176,9 @@ def test_an_unsupported_architecture_is_one_clear_error(tmp_path, capsys):
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers = [1] is not supported"),
     ("mixtral", {"sliding_window": 16}, "sliding_window = 16 is not supported"),
     ("olmoe", {"attention_bias": True}, "attention_bias = True is not supported"),
-    ("qwen3_moe", {"head_dim": 16}, "head_dim = 16 is not supported"),
+    ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_parameters.rope_type = 'linear'"),
 ])
 def test_an_unsupported_config_field_is_one_clear_error(arch, overrides, message, tmp_path,
                                                         capsys):

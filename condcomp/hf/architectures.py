@@ -90,10 +90,9 @@ def _check_common(raw: dict[str, Any], arch: Architecture) -> None:
     if raw.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", raw["hidden_act"], "'silu' (SwiGLU FFNs)")
     heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
-    head_dim = raw.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise _refuse("head_dim", head_dim, f"hidden_size / num_attention_heads = "
-                      f"{hidden / heads:g} (model.d_model / model.n_heads)")
+    if not raw.get("head_dim") and hidden % heads:
+        raise _refuse("num_attention_heads", heads, "a head count that divides hidden_size "
+                      "when head_dim is not given")
     for field in ("attention_bias", "mlp_bias"):
         if raw.get(field):
             raise _refuse(field, raw[field], "false (bias-free projections)")
@@ -127,7 +126,8 @@ def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelC
     """The architecture and condcomp :class:`ModelConfig` of an HF ``config.json`` dict."""
     arch = architecture_of(raw)
     _check_common(raw, arch)
-    heads = raw["num_attention_heads"]
+    heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
+    head_dim = int(raw.get("head_dim") or hidden // heads)
     attention_options: dict[str, Any] = {}
     if arch.qk_norm != "none":
         attention_options["qk_norm"] = arch.qk_norm
@@ -151,6 +151,8 @@ def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelC
         n_layers=int(raw["num_hidden_layers"]),
         n_heads=int(heads),
         n_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        # 0 (d_model / n_heads) where that is the head width, so the config reads as usual.
+        d_head=0 if head_dim * heads == hidden else head_dim,
         d_ff=int(raw["intermediate_size"]),
         activation="swiglu",
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
@@ -161,7 +163,10 @@ def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelC
         ffn=ffn,
         attention=SeamConfig(kind="dense", options=attention_options),
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"config.json describes a model condcomp cannot build: {exc}") from None
     return arch, cfg
 
 

@@ -194,8 +194,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     problems = []
     if hf_config.hidden_act != "silu":
         problems.append(f"hidden_act = {hf_config.hidden_act!r} (we support 'silu' = SwiGLU)")
-    if head_dim * heads != hf_config.hidden_size:
-        problems.append(f"head_dim * num_attention_heads = {head_dim * heads} != hidden_size")
+    if head_dim % 2:
+        problems.append(f"head_dim = {head_dim} is odd (RoPE needs an even head dimension)")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         problems.append("biases in attention or MLP (ours are bias-free)")
     if problems:
@@ -206,6 +206,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         n_layers=hf_config.num_hidden_layers,
         n_heads=heads,
         n_kv_heads=hf_config.num_key_value_heads or heads,
+        d_head=0 if head_dim * heads == hf_config.hidden_size else head_dim,
         d_ff=hf_config.intermediate_size,
         activation="swiglu",
         max_seq_len=hf_config.max_position_embeddings,

@@ -152,7 +152,8 @@ class DenseQKVOptions:
     """``[model.attention]`` keys of ``kind = "dense"`` (see the module docstring)."""
 
     qk_norm: str = "none"  # none | head (Qwen3-MoE) | projection (OLMoE)
-    clip_qkv: float = ranged(0.0, ge=0.0)  # 0: no clamp
+    # 0: no clamp (OLMoE uses 8). At most 1e30: a bound must be a float32 number.
+    clip_qkv: float = ranged(0.0, ge=0.0, le=1e30)
 
     def validate(self, cfg: ModelConfig) -> None:
         if self.qk_norm not in QK_NORMS:
