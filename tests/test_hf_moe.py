@@ -34,10 +34,13 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
              pad_token_id=None)
 
 
-def hf_config(arch: str, **overrides):
+def hf_config(name: str, **overrides):
     """A tiny config of ``arch``; the OLMoE clamp is small enough to bite, and Qwen3-MoE's
     heads are twice hidden_size / num_attention_heads wide, as in the released models."""
+    arch, _, variant = name.partition("+")
     kw = dict(SHAPE, **overrides)
+    if variant == "dense-layer":  # Qwen3-MoE's dense layers: an MLP, not the MoE, in layer 1
+        kw.update(num_hidden_layers=3, mlp_only_layers=[1])
     if arch == "mixtral":
         return transformers.MixtralConfig(**{"intermediate_size": 48, "num_local_experts": 4,
                                              "num_experts_per_tok": 2, **kw})
@@ -65,9 +68,10 @@ def save_hf_model(arch: str, folder: Path, shard: bool = False, **overrides):
     return model
 
 
-ARCHS = ["mixtral", "qwen3_moe", "olmoe", "llama"]
+ARCHS = ["mixtral", "qwen3_moe", "qwen3_moe+dense-layer", "olmoe", "llama"]
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-           "olmoe": "OlmoeForCausalLM", "llama": "LlamaForCausalLM"}
+           "qwen3_moe+dense-layer": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+           "llama": "LlamaForCausalLM"}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -173,7 +177,7 @@ def test_an_unsupported_architecture_is_one_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch, overrides, message", [
-    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers = [1] is not supported"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported"),
     ("mixtral", {"sliding_window": 16}, "sliding_window = 16 is not supported"),
     ("olmoe", {"attention_bias": True}, "attention_bias = True is not supported"),
     ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
@@ -220,17 +224,31 @@ def test_a_condcomp_bpe_tokenizer_travels_both_ways(tmp_path):
         bpe.eos_id
 
 
-def moe_config(attention: dict | None = None, **ffn) -> ModelConfig:
+def moe_config(attention: dict | None = None, layers="all", **ffn) -> ModelConfig:
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
-                      ffn=SeamConfig("moe", options={"num_experts": 4, "top_k": 2, **ffn}),
+                      ffn=SeamConfig("moe", layers=layers,
+                                     options={"num_experts": 4, "top_k": 2, **ffn}),
                       attention=SeamConfig("dense", options=attention or {}))
     cfg.validate()
     return cfg
 
 
+def test_qwen3_moe_dense_layers_are_the_layers_outside_the_moe():
+    from condcomp.hf.architectures import model_config_from_hf_dict
+
+    raw = json.loads(hf_config("qwen3_moe", num_hidden_layers=4, decoder_sparse_step=2)
+                     .to_json_string())
+    assert model_config_from_hf_dict(raw)[1].ffn.layers == [1, 3]
+    raw.update(decoder_sparse_step=1, mlp_only_layers=[0, 2])
+    _, cfg = model_config_from_hf_dict(raw)
+    assert cfg.ffn.layers == [1, 3] and cfg.d_ff == raw["intermediate_size"]
+
+
 def test_export_picks_the_architecture_the_run_needs():
     assert architecture_for(moe_config(normalize_topk=True)).model_type == "mixtral"
     assert architecture_for(moe_config({"qk_norm": "head"})).model_type == "qwen3_moe"
+    assert architecture_for(moe_config({"qk_norm": "head"}, layers=[1])
+                            ).model_type == "qwen3_moe"
     assert architecture_for(moe_config({"qk_norm": "projection", "clip_qkv": 8.0})
                             ).model_type == "olmoe"
     assert architecture_for(ModelConfig(vocab_size=VOCAB)).model_type == "llama"
@@ -240,6 +258,8 @@ def test_export_picks_the_architecture_the_run_needs():
     (lambda: moe_config(normalize_topk=True, num_shared_experts=1), "num_shared_experts"),
     (lambda: moe_config(), "normalize_topk = false without a Q/K norm"),
     (lambda: moe_config({"clip_qkv": 1.0}, normalize_topk=True), "clip_qkv"),
+    (lambda: moe_config({"qk_norm": "head", "clip_qkv": 1.0}), "clip_qkv"),
+    (lambda: moe_config(normalize_topk=True, layers="even"), "only Qwen3-MoE has dense"),
     (lambda: ModelConfig(vocab_size=VOCAB, attention=SeamConfig("dense", options={
         "qk_norm": "head"})), "HF Llama has no Q/K norm"),
 ])

@@ -27,7 +27,7 @@ from typing import Any
 
 from condcomp.config import SEAM_DEFAULTS, ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
-from condcomp.seams import select_layers
+from condcomp.seams import LayerSelection, select_layers
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Architecture:
     class_name: str  # config.json's "architectures" entry, the AutoModelForCausalLM class
     moe: bool
     qk_norm: str  # the attention's qk_norm option ("none", "head", "projection")
-    ffn_module: str  # the on-disk name of the layer's FFN module ("mlp", "block_sparse_moe")
+    ffn_module: str  # the on-disk name of a layer's MoE module ("mlp", "block_sparse_moe")
     expert_weights: tuple[str, str, str]  # on-disk names of one expert's (gate, up, down)
     num_experts_field: str = ""
     expert_width_field: str = ""
@@ -99,12 +99,6 @@ def _check_common(raw: dict[str, Any], arch: Architecture) -> None:
     if arch.model_type == "qwen3_moe":
         if raw.get("use_sliding_window"):
             raise _refuse("use_sliding_window", True, "false (full causal attention)")
-        if raw.get("decoder_sparse_step", 1) != 1:
-            raise _refuse("decoder_sparse_step", raw["decoder_sparse_step"],
-                          "1 (an MoE FFN in every layer)")
-        if raw.get("mlp_only_layers"):
-            raise _refuse("mlp_only_layers", raw["mlp_only_layers"],
-                          "[] (an MoE FFN in every layer)")
     elif raw.get("sliding_window") is not None:
         raise _refuse("sliding_window", raw["sliding_window"], "null (full causal attention)")
     if raw.get("router_jitter_noise"):
@@ -122,6 +116,19 @@ def _num_experts(raw: dict[str, Any], arch: Architecture) -> int:
                       "model needs its expert count")
 
 
+def _moe_layers(raw: dict[str, Any], arch: Architecture, n_layers: int) -> LayerSelection:
+    """The layers whose FFN is the MoE: every one, except Qwen3-MoE's dense layers (those in
+    ``mlp_only_layers``, and with ``decoder_sparse_step = s`` all but every s-th)."""
+    if arch is not QWEN3_MOE:
+        return "all"
+    step = raw.get("decoder_sparse_step") or 1
+    if not isinstance(step, int) or step < 1:
+        raise _refuse("decoder_sparse_step", step, "a positive integer")
+    dense = raw.get("mlp_only_layers") or []
+    layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
+    return "all" if len(layers) == n_layers else layers
+
+
 def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
     """The architecture and condcomp :class:`ModelConfig` of an HF ``config.json`` dict."""
     arch = architecture_of(raw)
@@ -135,7 +142,8 @@ def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelC
         attention_options["clip_qkv"] = float(raw["clip_qkv"])
     ffn = SeamConfig(kind=SEAM_DEFAULTS["ffn"])
     if arch.moe:
-        ffn = SeamConfig(kind="moe", options=dict(
+        n_layers = int(raw["num_hidden_layers"])
+        ffn = SeamConfig(kind="moe", layers=_moe_layers(raw, arch, n_layers), options=dict(
             num_experts=_num_experts(raw, arch),
             top_k=int(raw["num_experts_per_tok"]),
             d_expert=int(raw[arch.expert_width_field]),
@@ -153,7 +161,7 @@ def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelC
         n_kv_heads=int(raw.get("num_key_value_heads") or heads),
         # 0 (d_model / n_heads) where that is the head width, so the config reads as usual.
         d_head=0 if head_dim * heads == hidden else head_dim,
-        d_ff=int(raw["intermediate_size"]),
+        d_ff=int(raw["intermediate_size"]),  # Qwen3-MoE: the width of its dense layers
         activation="swiglu",
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
         rope_theta=_rope_theta(raw),
@@ -191,16 +199,15 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
             raise _refuse_export(f"model.{name}.kind = {seam.kind!r}")
     if cfg.attention.kind != "dense":
         raise _refuse_export(f"model.attention.kind = {cfg.attention.kind!r}")
-    if cfg.ffn.kind == "mlp" or cfg.ffn.layers == "none":
-        check_llama_compatible(cfg)
+    moe_layers = moe_layers_of(cfg)
+    attention = _attention_options(cfg)
+    if cfg.ffn.kind == SEAM_DEFAULTS["ffn"] or (not moe_layers and attention.qk_norm == "none"):
+        check_llama_compatible(cfg)  # refuses Q/K norms and clamps too
         return LLAMA
     if cfg.ffn.kind != "moe":
         raise _refuse_export(f"model.ffn.kind = {cfg.ffn.kind!r}")
     if cfg.activation != "swiglu":
         raise _refuse_export(f"model.activation = {cfg.activation!r} (HF's MoE experts are SwiGLU)")
-    if select_layers(cfg.ffn.layers, cfg.n_layers, "model.ffn.layers") != set(range(cfg.n_layers)):
-        raise _refuse_export(f"model.ffn.layers = {cfg.ffn.layers!r} (dense layers between "
-                             "MoE layers)")
     options = _moe_options(cfg)
     problems = []
     if options.routing != "token_choice":
@@ -215,19 +222,29 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
         problems.append("bias_update_rate (an aux-loss-free selection bias)")
     if problems:
         raise _refuse_export("model.ffn with " + ", ".join(problems))
-    attention = _attention_options(cfg)
-    if attention.qk_norm == "projection":
-        return OLMOE
-    if attention.clip_qkv:
+    if attention.clip_qkv and attention.qk_norm != "projection":
         raise _refuse_export("model.attention.clip_qkv without qk_norm = 'projection' (only "
                              "OLMoE clamps, and it norms the whole Q/K projections)")
     if attention.qk_norm == "head":
-        return QWEN3_MOE
+        return QWEN3_MOE  # the one with dense layers between MoE layers (mlp_only_layers)
+    if len(moe_layers) != cfg.n_layers:
+        raise _refuse_export(f"model.ffn.layers = {cfg.ffn.layers!r} without qk_norm = 'head' "
+                             "(of the HF MoE models only Qwen3-MoE has dense layers, and it "
+                             "norms each Q/K head)")
+    if attention.qk_norm == "projection":
+        return OLMOE
     if not options.normalize_topk:
         raise _refuse_export("model.ffn.normalize_topk = false without a Q/K norm (Mixtral "
                              "always renormalises the top-k weights; Qwen3-MoE and OLMoE, "
                              "which need not, norm queries and keys)")
     return MIXTRAL
+
+
+def moe_layers_of(cfg: ModelConfig) -> set[int]:
+    """The layers of ``cfg`` whose FFN is the MoE (none for a dense model)."""
+    if cfg.ffn.kind == SEAM_DEFAULTS["ffn"]:
+        return set()
+    return select_layers(cfg.ffn.layers, cfg.n_layers, "model.ffn.layers")
 
 
 def _moe_options(cfg: ModelConfig) -> Any:
@@ -280,8 +297,9 @@ def hf_config_dict(cfg: ModelConfig, arch: Architecture, eos_id: int | None) -> 
     else:
         raw.update(num_experts=moe.num_experts, norm_topk_prob=moe.normalize_topk)
     if arch is QWEN3_MOE:
+        dense = sorted(set(range(cfg.n_layers)) - moe_layers_of(cfg))
         raw.update(num_local_experts=moe.num_experts, decoder_sparse_step=1,
-                   mlp_only_layers=[], use_sliding_window=False, sliding_window=None)
+                   mlp_only_layers=dense, use_sliding_window=False, sliding_window=None)
     if arch is OLMOE:
         raw["clip_qkv"] = _attention_options(cfg).clip_qkv or None
     return raw

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from condcomp.config import ModelConfig
 from condcomp.errors import CheckpointError
-from condcomp.hf.architectures import Architecture
+from condcomp.hf.architectures import Architecture, moe_layers_of
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
@@ -56,18 +56,21 @@ _QK_NORMS = [("attn.qkv.q_norm.weight", "self_attn.q_norm.weight"),
 def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
                  ) -> list[WeightPair]:
     """Every weight of the condcomp model of ``cfg`` with its HF name (the tied head once:
-    as the embedding)."""
+    as the embedding). A layer outside the MoE's layers has the dense MLP, under the names of
+    Llama's (and Qwen3-MoE's dense layers')."""
     pairs = [WeightPair("tok_emb.weight", "model.embed_tokens.weight")]
     gate, up, down = arch.expert_weights
+    moe_layers = moe_layers_of(cfg)
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.block.", f"model.layers.{i}."
         layer = list(_ATTENTION) + (list(_QK_NORMS) if arch.qk_norm != "none" else [])
         pairs += [WeightPair(ours + a, hf + b) for a, b in layer]
         ffn = f"{hf}{arch.ffn_module}."
-        if not arch.moe:
-            pairs += [WeightPair(f"{ours}ffn.w1", f"{ffn}{gate}.weight", True),
-                      WeightPair(f"{ours}ffn.w3", f"{ffn}{up}.weight", True),
-                      WeightPair(f"{ours}ffn.w2", f"{ffn}{down}.weight", True)]
+        if i not in moe_layers:
+            mlp = f"{hf}mlp."
+            pairs += [WeightPair(f"{ours}ffn.w1", f"{mlp}gate_proj.weight", True),
+                      WeightPair(f"{ours}ffn.w3", f"{mlp}up_proj.weight", True),
+                      WeightPair(f"{ours}ffn.w2", f"{mlp}down_proj.weight", True)]
             continue
         pairs.append(WeightPair(f"{ours}ffn.router.weight", f"{ffn}gate.weight"))
         for e in range(num_experts):
