@@ -55,16 +55,19 @@ def hf_config(name: str, **overrides):
     return transformers.LlamaConfig(**{"intermediate_size": 48, **kw})
 
 
-def save_hf_model(arch: str, folder: Path, shard: bool = False, **overrides):
+def save_hf_model(arch: str, folder: Path, shard: bool = False, fused: bool = False,
+                  **overrides):
     """A random HF model of ``arch`` saved in ``folder``, with random norm gains so that a
-    swapped or missing norm shows."""
+    swapped or missing norm shows; ``fused``: in transformers 5's in-memory layout (all the
+    experts of a layer in one tensor) instead of the per-expert names."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder, **({"max_shard_size": "20KB"} if shard else {}))
+    model.save_pretrained(folder, **({"max_shard_size": "20KB"} if shard else {}),
+                          **({"save_original_format": False} if fused else {}))
     return model
 
 
@@ -122,18 +125,22 @@ def test_export_loads_with_from_pretrained_and_round_trips_bit_for_bit(imported,
         assert torch.equal(tensor, back.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
-def test_a_sharded_folder_imports_the_same_weights(arch, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_sharded_and_fused_folders_import_the_same_weights(arch, tmp_path):
     save_hf_model(arch, tmp_path / "whole")
     save_hf_model(arch, tmp_path / "sharded", shard=True)
+    save_hf_model(arch, tmp_path / "fused", fused=True)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    for name in ("whole", "sharded"):
+    assert any("gate_up_proj" in name for name in load_file(tmp_path / "fused" /
+                                                            "model.safetensors"))
+    for name in ("whole", "sharded", "fused"):
         assert main(["import-hf", str(tmp_path / name), str(tmp_path / f"run-{name}")]) == 0
     whole = load_run(tmp_path / "run-whole").model.state_dict()
-    sharded = load_run(tmp_path / "run-sharded").model.state_dict()
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, sharded[name]), name
+    for other in ("sharded", "fused"):
+        state = load_run(tmp_path / f"run-{other}").model.state_dict()
+        for name, tensor in whole.items():
+            assert torch.equal(tensor, state[name]), (other, name)
 
 
 def test_imported_run_is_a_run_folder_for_eval_and_train_init_from(tmp_path, corpus, capsys,

@@ -39,7 +39,13 @@ from condcomp.hf.architectures import (
     hf_config_dict,
     model_config_from_hf_dict,
 )
-from condcomp.hf.weights import SafetensorsFolder, hf_tensors, read_into, weight_pairs
+from condcomp.hf.weights import (
+    SafetensorsFolder,
+    fused_expert_pairs,
+    hf_tensors,
+    read_into,
+    weight_pairs,
+)
 from condcomp.model import TransformerLM
 from condcomp.runs import TOKENIZER_DIR, load_run, save_config, write_atomically
 
@@ -66,6 +72,12 @@ def _num_experts(cfg: Any) -> int:
     if cfg.ffn.kind != "moe":
         return 0
     return registry.parse_options("ffn", cfg.ffn).resolved(cfg).num_experts
+
+
+def _d_expert(cfg: Any) -> int:
+    from condcomp import registry
+
+    return registry.parse_options("ffn", cfg.ffn).resolved(cfg).d_expert or cfg.ffn_hidden
 
 
 def _pick_tokenizer(hf_dir: Path, choice: str, vocab_size: int) -> Tokenizer:
@@ -121,7 +133,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str = "auto",
     try:
         model = TransformerLM(model_cfg)
         state = model.state_dict()  # the model's own tensors: filled in place
-        read_into(folder, weight_pairs(arch, model_cfg, _num_experts(model_cfg)), state)
+        pairs = weight_pairs(arch, model_cfg, _num_experts(model_cfg))
+        if arch.moe:
+            pairs = fused_expert_pairs(pairs, model_cfg, _d_expert(model_cfg), folder)
+        read_into(folder, pairs, state)
     finally:
         folder.close()
     with torch.no_grad():

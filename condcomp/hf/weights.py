@@ -12,6 +12,15 @@ matrices per expert (transformers 5 fuses them in memory and splits them again o
 (``{ffn}`` is ``block_sparse_moe`` for Mixtral, ``mlp`` otherwise; ``{gate}, {up}, {down}``
 are ``w1, w3, w2`` for Mixtral, ``gate_proj, up_proj, down_proj`` otherwise.) Our experts
 are stacked ``x @ w`` matrices (docs/design.md, the layer contract), hence the transposes.
+
+``save_pretrained(save_original_format=False)`` (transformers 5) writes the fused in-memory
+layout instead, which import reads too (:func:`fused_expert_pairs`)::
+
+    model.layers.{i}.mlp.gate.weight                 [E, D]       router.weight
+    model.layers.{i}.mlp.experts.gate_up_proj        [E, 2H, D]   [w1^T; w3^T], gate first
+    model.layers.{i}.mlp.experts.down_proj           [E, D, H]    w2^T
+
+Export writes the per-expert names, which every transformers version loads.
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ class WeightPair:
 
     ours: str
     hf: str
-    transpose: bool = False
+    transpose: bool = False  # swap the last two dimensions
     expert: int | None = None
+    rows: tuple[int, int] | None = None  # of the HF tensor's dim 1 (a fused gate_up_proj)
 
 
 _ATTENTION = [("attn_norm.weight", "input_layernorm.weight"),
@@ -82,6 +92,30 @@ def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
     if not cfg.tie_embeddings:
         pairs.append(WeightPair("lm_head.weight", "lm_head.weight"))
     return pairs
+
+
+def fused_expert_pairs(pairs: list[WeightPair], cfg: ModelConfig, d_expert: int,
+                       folder: SafetensorsFolder) -> list[WeightPair]:
+    """``pairs`` with each MoE layer's per-expert names replaced by the fused layout's, for
+    the layers whose fused tensors ``folder`` holds."""
+    out = []
+    for pair in pairs:
+        layer = pair.ours.split(".")[1] if pair.ours.startswith("layers.") else None
+        fused = f"model.layers.{layer}.mlp.experts."
+        if layer is None or f"{fused}gate_up_proj" not in folder:
+            out.append(pair)
+        elif pair.ours.endswith("ffn.router.weight"):
+            out.append(WeightPair(pair.ours, f"model.layers.{layer}.mlp.gate.weight"))
+        elif pair.expert == 0:  # one pair for all the experts of each stacked tensor
+            H = d_expert
+            name = pair.ours.rsplit(".", 1)[1]
+            out.append({"w1": WeightPair(pair.ours, f"{fused}gate_up_proj", True, rows=(0, H)),
+                        "w3": WeightPair(pair.ours, f"{fused}gate_up_proj", True,
+                                         rows=(H, 2 * H)),
+                        "w2": WeightPair(pair.ours, f"{fused}down_proj", True)}[name])
+        elif pair.expert is None:
+            out.append(pair)
+    return out
 
 
 def ours_of(pair: WeightPair, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,14 +161,16 @@ class SafetensorsFolder:
     def names(self) -> Iterator[str]:
         return iter(self.file_of)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder} has no tensor {name!r}, which its config.json "
                                   "implies; the folder is incomplete or of another model")
         path = self.file_of[name]
         if path not in self._handles:
             self._handles[path] = self._open(path).__enter__()
-        return self._handles[path].get_tensor(name)
+        if rows is None:
+            return self._handles[path].get_tensor(name)
+        return self._handles[path].get_slice(name)[:, rows[0]:rows[1]]
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -148,9 +184,9 @@ def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
     """Copy every pair's HF tensor into condcomp's ``state`` (the model's own tensors), each
     expert's matrix straight into its row of the stacked tensor."""
     for pair in pairs:
-        source = folder.get(pair.hf)
+        source = folder.get(pair.hf, pair.rows)
         target = ours_of(pair, state)
-        value = source.t() if pair.transpose else source
+        value = source.transpose(-1, -2) if pair.transpose else source
         if value.shape != target.shape:
             raise CheckpointError(f"{pair.hf} has shape {tuple(source.shape)}, but the model "
                                   f"its config.json describes needs {tuple(target.shape)} "
