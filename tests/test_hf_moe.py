@@ -200,6 +200,16 @@ def test_an_unsupported_config_field_is_one_clear_error(arch, overrides, message
     assert message in err
 
 
+def test_a_config_without_a_field_it_needs_is_one_clear_error(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    raw = json.loads(hf_config("olmoe").to_json_string())
+    del raw["num_experts_per_tok"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    err = _cli_error(["import-hf", str(folder), str(tmp_path / "run")], capsys)
+    assert "config.json has no 'num_experts_per_tok'" in err
+
+
 def test_a_tokenizer_condcomp_cannot_use_is_refused_unless_byte_is_asked_for(tmp_path, capsys):
     from tokenizers import Tokenizer, models
 

@@ -9,7 +9,8 @@ HF model_type    FFN slot              attention                          router
 ===============  ====================  =================================  ====================
 ``llama``        dense SwiGLU MLP      plain                              -
 ``mixtral``      MoE, every layer      plain                              top-k renormalised
-``qwen3_moe``    MoE, every layer      RMSNorm on each Q/K head           ``norm_topk_prob``
+``qwen3_moe``    MoE, but dense in     RMSNorm on each Q/K head           ``norm_topk_prob``
+                 ``mlp_only_layers``
 ``olmoe``        MoE, every layer      RMSNorm on the Q/K projections,    ``norm_topk_prob``
                                        optional ``clip_qkv``
 ===============  ====================  =================================  ====================
@@ -131,6 +132,16 @@ def _moe_layers(raw: dict[str, Any], arch: Architecture, n_layers: int) -> Layer
 
 def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
     """The architecture and condcomp :class:`ModelConfig` of an HF ``config.json`` dict."""
+    try:
+        return _model_config(raw)
+    except KeyError as exc:
+        raise ConfigError(f"config.json has no {exc.args[0]!r}, which a "
+                          f"{raw.get('model_type')} model needs") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config.json has a value of the wrong type ({exc})") from None
+
+
+def _model_config(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
     arch = architecture_of(raw)
     _check_common(raw, arch)
     heads, hidden = raw["num_attention_heads"], raw["hidden_size"]

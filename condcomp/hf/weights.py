@@ -193,9 +193,11 @@ def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
                                   f"({'transposed ' if pair.transpose else ''}for {pair.ours})")
         target.copy_(value)
     used = {pair.hf for pair in pairs}
-    # A tied head may be saved besides the embedding; anything else left over is a weight the
-    # conversion would silently drop.
-    left = sorted(n for n in folder.names() if n not in used and n != "lm_head.weight")
+    # A tied head may be saved besides the embedding, and older Llama checkpoints hold RoPE's
+    # inv_freq (derived from the config); anything else left over is a weight the conversion
+    # would silently drop.
+    left = sorted(n for n in folder.names() if n not in used and n != "lm_head.weight"
+                  and not n.endswith("rotary_emb.inv_freq"))
     if left:
         raise CheckpointError(f"{folder.folder} holds tensors condcomp has no place for: "
                               f"{left[:3]}{' ...' if len(left) > 3 else ''}")
