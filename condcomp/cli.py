@@ -1,4 +1,5 @@
-"""``condcomp <command>``: train, eval, generate, export, compare, bench, plan, presets.
+"""``condcomp <command>``: train, eval, generate, export, import-hf, export-hf, compare, bench,
+plan, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -110,6 +111,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from condcomp.hf.folders import import_hf
+
+    arch, ckpt = import_hf(args.hf_dir, args.run_dir, args.tokenizer, args.overrides)
+    print(f"wrote {args.run_dir}: the {arch.class_name} of {args.hf_dir} as checkpoint "
+          f"{ckpt}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from condcomp.hf.folders import export_hf
+
+    arch, ckpt = export_hf(args.run_dir, args.hf_dir, args.checkpoint)
+    print(f"wrote {args.hf_dir}: {ckpt.path} (step {ckpt.step}) as {arch.class_name}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from condcomp.compare import run_suite
 
@@ -195,6 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file to write, with the tensor names of a single-process "
                    "checkpoint's model.safetensors")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="an HF save_pretrained folder (Llama, Mixtral, "
+                       "Qwen3-MoE, OLMoE) as a run folder that eval, generate and train read")
+    p.add_argument("hf_dir")
+    p.add_argument("run_dir", help="the run folder to write (new or empty)")
+    p.add_argument("--tokenizer", choices=["auto", "byte"], default="auto",
+                   help="auto: the folder's tokenizer.json if it has one, else the byte "
+                   "tokenizer; byte: the byte tokenizer")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data.* or train.* key of the run config, e.g. --set "
+                   "data.corpus=text.txt (repeatable)")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="a run's checkpoint as a folder HF "
+                       "AutoModelForCausalLM.from_pretrained loads (Llama for dense runs, "
+                       "Mixtral / Qwen3-MoE / OLMoE for MoE runs)")
+    p.add_argument("run_dir")
+    p.add_argument("hf_dir", help="the folder to write (new or empty)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
     p.add_argument("suite", help="a suite name, e.g. demo (condcomp presets lists them), or a "

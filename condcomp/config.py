@@ -61,6 +61,9 @@ class ModelConfig:
     n_layers: int = ranged(4, gt=0, le=MAX_SIZE)
     n_heads: int = ranged(4, gt=0, le=MAX_SIZE)
     n_kv_heads: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: as many as n_heads (no grouped-query)
+    # 0: d_model / n_heads. Set, the heads may be wider or narrower than d_model / n_heads
+    # (Qwen3-MoE: 32 heads of 128 over a 2048-wide stream); wo maps n_heads * d_head to d_model.
+    d_head: int = ranged(0, ge=0, le=MAX_SIZE)
     d_ff: int = ranged(0, ge=0, le=MAX_SIZE)  # 0: 4 * d_model, or 8/3 * d_model for swiglu
     activation: str = "swiglu"
     max_seq_len: int = ranged(256, gt=0, le=MAX_SIZE)
@@ -84,7 +87,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -101,14 +104,15 @@ class ModelConfig:
 
     def validate(self) -> None:
         tables.check_fields(self, "model")
-        if self.d_model % self.n_heads:
+        if not self.d_head and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.n_heads = {self.n_heads} does not divide model.d_model = {self.d_model}; "
-                "pick a head count that divides d_model"
+                "pick a head count that divides d_model (or set model.d_head)"
             )
         if self.head_dim % 2:
+            which = "model.d_head" if self.d_head else "model.d_model / model.n_heads"
             raise ConfigError(
-                f"model.d_model / model.n_heads = {self.head_dim} is odd; RoPE needs an even head "
+                f"{which} = {self.head_dim} is odd; RoPE needs an even head "
                 "dimension"
             )
         if self.n_heads % self.kv_heads:

@@ -5,6 +5,16 @@ The Q/K/V projections are the seam (docs/design.md, "The four seams"): a registe
 and builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
 bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al.
 2023) shares each K/V head among ``H / H_kv`` query heads.
+
+Two options of the dense family exist so that the pretrained MoE models of HF transformers
+load unchanged (condcomp.hf):
+
+- ``qk_norm``: an RMSNorm on queries and keys before RoPE, ``"head"`` over each head's ``d``
+  channels (Qwen3-MoE; weights ``q_norm.weight [d]``, ``k_norm.weight [d]``) or
+  ``"projection"`` over the whole projection (OLMoE; ``q_norm.weight [H*d]``,
+  ``k_norm.weight [H_kv*d]``); ``"none"`` (default) has neither;
+- ``clip_qkv``: clamp q, k and v to ``[-c, c]`` after the projections and norms (OLMoE's
+  ``clip_qkv``, against loss spikes); 0 (default): no clamp.
 """
 
 from __future__ import annotations
@@ -17,26 +27,48 @@ from torch import nn
 
 from condcomp import registry
 from condcomp.config import ModelConfig
+from condcomp.errors import ConfigError
 from condcomp.model.kv_cache import KVCache
+from condcomp.model.norm import RMSNorm
 from condcomp.model.rope import Positions, apply_rope
+from condcomp.ranges import ranged
+
+QK_NORMS = ("none", "head", "projection")
 
 
 class DenseQKV(nn.Module):
-    """Dense attention projections: ``wq [H*d, D]``, ``wk``/``wv [H_kv*d, D]`` (nn.Linear)."""
+    """Dense attention projections: ``wq [H*d, D]``, ``wk``/``wv [H_kv*d, D]`` (nn.Linear),
+    with the optional ``q_norm``/``k_norm`` (RMSNorm) and clamp of the module docstring."""
 
-    def __init__(self, d_model: int, n_heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, kv_heads: int, head_dim: int,
+                 qk_norm: str = "none", clip_qkv: float = 0.0, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
         self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(d_model, kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim, norm_eps)
+        elif qk_norm == "projection":
+            self.q_norm = RMSNorm(n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(kv_heads * head_dim, norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim)
-        v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv > 0:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         return q, k, v
 
     def output_layer(self, d_in: int, d_model: int) -> nn.Module:
@@ -45,6 +77,9 @@ class DenseQKV(nn.Module):
     def init_weights(self, std: float, residual_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=std)
+        if self.qk_norm != "none":
+            self.q_norm.init_weights(std, residual_std)
+            self.k_norm.init_weights(std, residual_std)
 
     def flops_per_token(self) -> float:
         return 2.0 * sum(lin.weight.numel() for lin in (self.wq, self.wk, self.wv))
@@ -114,11 +149,21 @@ class Attention(nn.Module):
 
 @dataclass
 class DenseQKVOptions:
-    """Dense projections take no options."""
+    """``[model.attention]`` keys of ``kind = "dense"`` (see the module docstring)."""
+
+    qk_norm: str = "none"  # none | head (Qwen3-MoE) | projection (OLMoE)
+    # 0: no clamp (OLMoE uses 8). At most 1e30: a bound must be a float32 number.
+    clip_qkv: float = ranged(0.0, ge=0.0, le=1e30)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"model.attention.qk_norm = {self.qk_norm!r} is unknown; use one "
+                              f"of {list(QK_NORMS)}")
 
 
 def _build_dense(options: DenseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> DenseQKV:
-    return DenseQKV(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+    return DenseQKV(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, options.qk_norm,
+                    options.clip_qkv, cfg.norm_eps)
 
 
 registry.register(registry.Family("dense", "attention", DenseQKVOptions, _build_dense,

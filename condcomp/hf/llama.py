@@ -90,6 +90,10 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
                 f"model.{seam_name}.kind = {seam.kind!r}: HF Llama has no equivalent of this "
                 f"conditional family; only dense models ({seam_name} = {default!r}) convert"
             )
+    if cfg.attention.kind == "dense" and cfg.attention.options:
+        raise ConfigError(f"model.attention options {cfg.attention.options}: HF Llama has no "
+                          "Q/K norm or Q/K/V clamp; only plain dense attention converts (the "
+                          "MoE architectures of condcomp import-hf / export-hf have them)")
     d_ff = cfg.ffn.options.get("d_ff", 0) if cfg.ffn.kind == "mlp" else 0
     if d_ff and d_ff != cfg.ffn_hidden:
         raise ConfigError(
@@ -115,7 +119,8 @@ def _check_modules(model: TransformerLM) -> None:
             raise ConfigError(f"layer {i} is wrapped by {type(layer).__name__}: HF Llama has no "
                               "equivalent; only the dense wrapper ('full') converts")
         block = layer.block
-        if not isinstance(block.attn.qkv, DenseQKV):
+        if not isinstance(block.attn.qkv, DenseQKV) or block.attn.qkv.qk_norm != "none" \
+                or block.attn.qkv.clip_qkv:
             raise ConfigError(f"layer {i} uses {type(block.attn.qkv).__name__} projections: HF "
                               "Llama has no equivalent; only dense attention converts")
         if not isinstance(block.ffn, MLP) or block.ffn.activation != "swiglu":
@@ -189,8 +194,8 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     problems = []
     if hf_config.hidden_act != "silu":
         problems.append(f"hidden_act = {hf_config.hidden_act!r} (we support 'silu' = SwiGLU)")
-    if head_dim * heads != hf_config.hidden_size:
-        problems.append(f"head_dim * num_attention_heads = {head_dim * heads} != hidden_size")
+    if head_dim % 2:
+        problems.append(f"head_dim = {head_dim} is odd (RoPE needs an even head dimension)")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         problems.append("biases in attention or MLP (ours are bias-free)")
     if problems:
@@ -201,6 +206,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         n_layers=hf_config.num_hidden_layers,
         n_heads=heads,
         n_kv_heads=hf_config.num_key_value_heads or heads,
+        d_head=0 if head_dim * heads == hf_config.hidden_size else head_dim,
         d_ff=hf_config.intermediate_size,
         activation="swiglu",
         max_seq_len=hf_config.max_position_embeddings,

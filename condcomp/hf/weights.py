@@ -1,0 +1,215 @@
+"""The on-disk tensor names of the HF architectures (condcomp.hf.architectures), matched to
+condcomp's weight names, and a reader of ``save_pretrained`` safetensors folders.
+
+The names are those ``save_pretrained`` writes, which for the MoE models are one set of
+matrices per expert (transformers 5 fuses them in memory and splits them again on save)::
+
+    model.layers.{i}.{ffn}.gate.weight                    [E, D]  router.weight
+    model.layers.{i}.{ffn}.experts.{e}.{gate}.weight      [H, D]  experts.w1[e] = its transpose
+    model.layers.{i}.{ffn}.experts.{e}.{up}.weight        [H, D]  experts.w3[e] = its transpose
+    model.layers.{i}.{ffn}.experts.{e}.{down}.weight      [D, H]  experts.w2[e] = its transpose
+
+(``{ffn}`` is ``block_sparse_moe`` for Mixtral, ``mlp`` otherwise; ``{gate}, {up}, {down}``
+are ``w1, w3, w2`` for Mixtral, ``gate_proj, up_proj, down_proj`` otherwise.) Our experts
+are stacked ``x @ w`` matrices (docs/design.md, the layer contract), hence the transposes.
+
+``save_pretrained(save_original_format=False)`` (transformers 5) writes the fused in-memory
+layout instead, which import reads too (:func:`fused_expert_pairs`)::
+
+    model.layers.{i}.mlp.gate.weight                 [E, D]       router.weight
+    model.layers.{i}.mlp.experts.gate_up_proj        [E, 2H, D]   [w1^T; w3^T], gate first
+    model.layers.{i}.mlp.experts.down_proj           [E, D, H]    w2^T
+
+Export writes the per-expert names, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from condcomp.config import ModelConfig
+from condcomp.errors import CheckpointError
+from condcomp.hf.architectures import Architecture, moe_layers_of
+
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class WeightPair:
+    """condcomp's ``ours`` (row ``expert`` of it, for stacked experts) is HF's ``hf``,
+    transposed when ``transpose``."""
+
+    ours: str
+    hf: str
+    transpose: bool = False  # swap the last two dimensions
+    expert: int | None = None
+    rows: tuple[int, int] | None = None  # of the HF tensor's dim 1 (a fused gate_up_proj)
+
+
+_ATTENTION = [("attn_norm.weight", "input_layernorm.weight"),
+              ("attn.qkv.wq.weight", "self_attn.q_proj.weight"),
+              ("attn.qkv.wk.weight", "self_attn.k_proj.weight"),
+              ("attn.qkv.wv.weight", "self_attn.v_proj.weight"),
+              ("attn.wo.weight", "self_attn.o_proj.weight"),
+              ("ffn_norm.weight", "post_attention_layernorm.weight")]
+_QK_NORMS = [("attn.qkv.q_norm.weight", "self_attn.q_norm.weight"),
+             ("attn.qkv.k_norm.weight", "self_attn.k_norm.weight")]
+
+
+def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
+                 ) -> list[WeightPair]:
+    """Every weight of the condcomp model of ``cfg`` with its HF name (the tied head once:
+    as the embedding). A layer outside the MoE's layers has the dense MLP, under the names of
+    Llama's (and Qwen3-MoE's dense layers')."""
+    pairs = [WeightPair("tok_emb.weight", "model.embed_tokens.weight")]
+    gate, up, down = arch.expert_weights
+    moe_layers = moe_layers_of(cfg)
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.block.", f"model.layers.{i}."
+        layer = list(_ATTENTION) + (list(_QK_NORMS) if arch.qk_norm != "none" else [])
+        pairs += [WeightPair(ours + a, hf + b) for a, b in layer]
+        ffn = f"{hf}{arch.ffn_module}."
+        if i not in moe_layers:
+            mlp = f"{hf}mlp."
+            pairs += [WeightPair(f"{ours}ffn.w1", f"{mlp}gate_proj.weight", True),
+                      WeightPair(f"{ours}ffn.w3", f"{mlp}up_proj.weight", True),
+                      WeightPair(f"{ours}ffn.w2", f"{mlp}down_proj.weight", True)]
+            continue
+        pairs.append(WeightPair(f"{ours}ffn.router.weight", f"{ffn}gate.weight"))
+        for e in range(num_experts):
+            expert = f"{ffn}experts.{e}."
+            pairs += [WeightPair(f"{ours}ffn.experts.w1", f"{expert}{gate}.weight", True, e),
+                      WeightPair(f"{ours}ffn.experts.w3", f"{expert}{up}.weight", True, e),
+                      WeightPair(f"{ours}ffn.experts.w2", f"{expert}{down}.weight", True, e)]
+    pairs.append(WeightPair("norm.weight", "model.norm.weight"))
+    if not cfg.tie_embeddings:
+        pairs.append(WeightPair("lm_head.weight", "lm_head.weight"))
+    return pairs
+
+
+def fused_expert_pairs(pairs: list[WeightPair], cfg: ModelConfig, d_expert: int,
+                       folder: SafetensorsFolder) -> list[WeightPair]:
+    """``pairs`` with each MoE layer's per-expert names replaced by the fused layout's, for
+    the layers whose fused tensors ``folder`` holds."""
+    out = []
+    for pair in pairs:
+        layer = pair.ours.split(".")[1] if pair.ours.startswith("layers.") else None
+        fused = f"model.layers.{layer}.mlp.experts."
+        if layer is None or f"{fused}gate_up_proj" not in folder:
+            out.append(pair)
+        elif pair.ours.endswith("ffn.router.weight"):
+            out.append(WeightPair(pair.ours, f"model.layers.{layer}.mlp.gate.weight"))
+        elif pair.expert == 0:  # one pair for all the experts of each stacked tensor
+            H = d_expert
+            name = pair.ours.rsplit(".", 1)[1]
+            out.append({"w1": WeightPair(pair.ours, f"{fused}gate_up_proj", True, rows=(0, H)),
+                        "w3": WeightPair(pair.ours, f"{fused}gate_up_proj", True,
+                                         rows=(H, 2 * H)),
+                        "w2": WeightPair(pair.ours, f"{fused}down_proj", True)}[name])
+        elif pair.expert is None:
+            out.append(pair)
+    return out
+
+
+def ours_of(pair: WeightPair, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor of condcomp's ``state`` that ``pair`` names (a view: one expert's matrix)."""
+    tensor = state[pair.ours]
+    return tensor if pair.expert is None else tensor[pair.expert]
+
+
+class SafetensorsFolder:
+    """The tensors of a ``save_pretrained`` folder, memory-mapped: ``model.safetensors`` or
+    the shards ``model.safetensors.index.json`` lists. A tensor is read when asked for, so
+    converting a model holds one tensor of it at a time besides the result."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is unreadable ({exc})") from None
+            self.file_of = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / SINGLE_FILE).is_file():
+            self.file_of = {}
+            with self._open(folder / SINGLE_FILE) as f:
+                for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    self.file_of[name] = folder / SINGLE_FILE
+        else:
+            raise CheckpointError(
+                f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}; save the model with "
+                "save_pretrained (safetensors, the default) and import that folder")
+        self._handles: dict[Path, Any] = {}
+
+    def _open(self, path: Path) -> Any:
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def names(self) -> Iterator[str]:
+        return iter(self.file_of)
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.folder} has no tensor {name!r}, which its config.json "
+                                  "implies; the folder is incomplete or of another model")
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(path).__enter__()
+        if rows is None:
+            return self._handles[path].get_tensor(name)
+        return self._handles[path].get_slice(name)[:, rows[0]:rows[1]]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+@torch.no_grad()
+def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
+              state: dict[str, torch.Tensor]) -> None:
+    """Copy every pair's HF tensor into condcomp's ``state`` (the model's own tensors), each
+    expert's matrix straight into its row of the stacked tensor."""
+    for pair in pairs:
+        source = folder.get(pair.hf, pair.rows)
+        target = ours_of(pair, state)
+        value = source.transpose(-1, -2) if pair.transpose else source
+        if value.shape != target.shape:
+            raise CheckpointError(f"{pair.hf} has shape {tuple(source.shape)}, but the model "
+                                  f"its config.json describes needs {tuple(target.shape)} "
+                                  f"({'transposed ' if pair.transpose else ''}for {pair.ours})")
+        target.copy_(value)
+    used = {pair.hf for pair in pairs}
+    # A tied head may be saved besides the embedding, and older Llama checkpoints hold RoPE's
+    # inv_freq (derived from the config); anything else left over is a weight the conversion
+    # would silently drop.
+    left = sorted(n for n in folder.names() if n not in used and n != "lm_head.weight"
+                  and not n.endswith("rotary_emb.inv_freq"))
+    if left:
+        raise CheckpointError(f"{folder.folder} holds tensors condcomp has no place for: "
+                              f"{left[:3]}{' ...' if len(left) > 3 else ''}")
+
+
+def hf_tensors(pairs: list[WeightPair], state: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """condcomp's ``state`` under the HF names. Only the transposed matrices are copies;
+    the rest are the model's tensors themselves (no two share storage: the tied head is left
+    out)."""
+    out = {}
+    for pair in pairs:
+        value = ours_of(pair, state)
+        out[pair.hf] = (value.t() if pair.transpose else value).contiguous()
+    return out
