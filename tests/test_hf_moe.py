@@ -10,13 +10,16 @@ a folder imported and exported again holds the same tensors bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from condcomp.checkpoint import resolve_checkpoint
 from condcomp.cli import main
 from condcomp.config import ModelConfig, SeamConfig, load_config
 from condcomp.errors import ConfigError
@@ -277,12 +280,39 @@ def test_export_picks_the_architecture_the_run_needs():
     (lambda: moe_config({"clip_qkv": 1.0}, normalize_topk=True), "clip_qkv"),
     (lambda: moe_config({"qk_norm": "head", "clip_qkv": 1.0}), "clip_qkv"),
     (lambda: moe_config(normalize_topk=True, layers="even"), "only Qwen3-MoE has dense"),
+    (lambda: moe_config(normalize_topk=True, score="sigmoid"), "score = 'sigmoid'"),
+    (lambda: moe_config(normalize_topk=True, route_scale=2.5), "route_scale = 2.5"),
+    (lambda: moe_config(normalize_topk=True, expert_groups=2, groups_per_token=1),
+     "group-limited routing"),
     (lambda: ModelConfig(vocab_size=VOCAB, attention=SeamConfig("dense", options={
         "qk_norm": "head"})), "HF Llama has no Q/K norm"),
 ])
 def test_export_refuses_what_no_hf_architecture_holds(cfg, message):
     with pytest.raises(ConfigError, match=message):
         architecture_for(cfg())
+
+
+@pytest.mark.parametrize("imported", ["mixtral"], indirect=True)
+def test_a_run_that_routes_with_a_selection_bias_is_not_exported(imported, tmp_path, capsys):
+    """A bias loaded into the layer routes even at bias_update_rate = 0; Mixtral, Qwen3-MoE
+    and OLMoE have none, so the export stops, and leaves no folder behind."""
+    _, _, _, run_dir = imported
+    biased = tmp_path / "biased"
+    shutil.copytree(run_dir, biased)
+    ckpt = resolve_checkpoint(biased)
+    state = load_file(ckpt.path / "model.safetensors")
+    name = next(key for key in state if key.endswith("selection_bias"))
+    state[name][0] = 1.0
+    save_file(state, ckpt.path / "model.safetensors")
+    # A hand-edited checkpoint: its manifest's hashes are rewritten to match.
+    manifest = json.loads((ckpt.path / "manifest.json").read_text())
+    for file, entry in manifest["files"].items():
+        data = (ckpt.path / file).read_bytes()
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (ckpt.path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export-hf", str(biased), str(tmp_path / "out")]) == 2
+    assert "routes with a selection bias" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_qk_norm_is_a_config_error():

@@ -28,6 +28,7 @@ from typing import Any
 
 from condcomp.config import SEAM_DEFAULTS, ModelConfig, SeamConfig
 from condcomp.errors import ConfigError
+from condcomp.hf.llama import check_llama_compatible, router_problems
 from condcomp.seams import LayerSelection, select_layers
 
 
@@ -202,7 +203,6 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
     one, Qwen3-MoE (Q/K norm per head) or OLMoE (Q/K norm over the projections, optional
     clamp) when its attention has their norms. Without a Q/K norm the top-k weights must be
     renormalised, as Mixtral always does."""
-    from condcomp.hf.llama import check_llama_compatible
 
     for name in ("wrapper", "residual"):
         seam = getattr(cfg, name)
@@ -231,6 +231,7 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
         problems.append("num_noop_experts")
     if options.bias_update_rate:
         problems.append("bias_update_rate (an aux-loss-free selection bias)")
+    problems += router_problems(options.score, options.route_scale, options.expert_groups)
     if problems:
         raise _refuse_export("model.ffn with " + ", ".join(problems))
     if attention.clip_qkv and attention.qk_norm != "projection":

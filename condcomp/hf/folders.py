@@ -22,6 +22,7 @@ written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from safetensors.torch import save_file
 from condcomp.checkpoint import Checkpoint, save_checkpoint
 from condcomp.config import DataConfig, RunConfig, TrainConfig, apply_override, from_dict
 from condcomp.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
-from condcomp.errors import CondcompError, ConfigError, DataError
+from condcomp.errors import CondcompError, ConfigError, DataError, storage_error
 from condcomp.hf.architectures import (
     Architecture,
     architecture_for,
@@ -158,20 +159,36 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str | Path | 
     hf_dir = Path(hf_dir)
     run = load_run(run_dir, checkpoint)
     arch = architecture_for(run.cfg.model)
+    if any(bool(m.selection_bias.any()) for m in run.model.modules()
+           if hasattr(m, "selection_bias")):
+        raise ConfigError(f"{run.checkpoint.path} routes with a selection bias (its "
+                          "selection_bias is not zero): no HF architecture (Llama, Mixtral, "
+                          "Qwen3-MoE, OLMoE) has an equivalent")
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise CondcompError(f"{hf_dir} exists and is not empty; export into a new folder")
     pairs = weight_pairs(arch, run.cfg.model, _num_experts(run.cfg.model))
     tensors = hf_tensors(pairs, run.model.state_dict())
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config_dict(run.cfg.model, arch, run.tokenizer.eos_id)
-    (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if run.tokenizer.kind == "bpe":
-        shutil.copyfile(Path(run_dir) / TOKENIZER_DIR / TOKENIZER_FILE, hf_dir / TOKENIZER_FILE)
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                            "eos_token": "<|endoftext|>"}
-        (hf_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n",
-                                                      encoding="utf-8")
+    # Written beside the target and renamed into place: a failed export leaves no folder
+    # that looks like a model.
+    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf_config_dict(run.cfg.model, arch, run.tokenizer.eos_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if run.tokenizer.kind == "bpe":
+            shutil.copyfile(Path(run_dir) / TOKENIZER_DIR / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                "eos_token": "<|endoftext|>"}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n",
+                                                       encoding="utf-8")
+        if hf_dir.exists():
+            hf_dir.rmdir()  # empty, checked above
+        os.replace(tmp, hf_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(exc, f"cannot write {hf_dir}") from None
     return arch, run.checkpoint
 
 

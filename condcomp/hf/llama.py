@@ -313,6 +313,19 @@ def from_hf_llama(hf_model: LlamaForCausalLM) -> TransformerLM:
 # ----------------------------------------------------------------------------- Mixtral MoE
 
 
+def router_problems(score: str, route_scale: float, expert_groups: int) -> list[str]:
+    """The router options of condcomp's MoE that Mixtral, Qwen3-MoE and OLMoE do not have
+    (their routers are softmax top-k over all experts, unscaled)."""
+    problems = []
+    if score != "softmax":
+        problems.append(f"score = {score!r} (HF's softmax routers)")
+    if route_scale != 1.0:
+        problems.append(f"route_scale = {route_scale}")
+    if expert_groups > 1:
+        problems.append("group-limited routing (expert_groups)")
+    return problems
+
+
 def to_hf_mixtral_block(moe: MoE, experts_implementation: str = "eager") -> Any:
     """An HF ``MixtralSparseMoeBlock`` with the weights of ``moe`` (the peer of
     ``condcomp bench moe`` and of the equivalence test).
@@ -335,8 +348,9 @@ def to_hf_mixtral_block(moe: MoE, experts_implementation: str = "eager") -> Any:
         problems.append("shared experts")
     if moe.experts.activation != "swiglu":
         problems.append(f"{moe.experts.activation} experts")
-    if moe.bias_update_rate > 0:
-        problems.append("an aux-loss-free selection bias")
+    if moe.bias_update_rate > 0 or bool(moe.selection_bias.any()):
+        problems.append("a selection bias")
+    problems += router_problems(moe.score, moe.route_scale, moe.expert_groups)
     if problems:
         raise ConfigError("HF Mixtral has no equivalent of this MoE: " + ", ".join(problems))
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
