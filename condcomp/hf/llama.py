@@ -92,8 +92,9 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
             )
     if cfg.attention.kind == "dense" and cfg.attention.options:
         raise ConfigError(f"model.attention options {cfg.attention.options}: HF Llama has no "
-                          "Q/K norm or Q/K/V clamp; only plain dense attention converts (the "
-                          "MoE architectures of condcomp import-hf / export-hf have them)")
+                          "Q/K norm, Q/K/V clamp or Q/K/V biases; only plain dense attention "
+                          "converts (the MoE architectures of condcomp import-hf / export-hf "
+                          "have them)")
     d_ff = cfg.ffn.options.get("d_ff", 0) if cfg.ffn.kind == "mlp" else 0
     if d_ff and d_ff != cfg.ffn_hidden:
         raise ConfigError(
@@ -120,7 +121,7 @@ def _check_modules(model: TransformerLM) -> None:
                               "equivalent; only the dense wrapper ('full') converts")
         block = layer.block
         if not isinstance(block.attn.qkv, DenseQKV) or block.attn.qkv.qk_norm != "none" \
-                or block.attn.qkv.clip_qkv:
+                or block.attn.qkv.clip_qkv or block.attn.qkv.qkv_bias:
             raise ConfigError(f"layer {i} uses {type(block.attn.qkv).__name__} projections: HF "
                               "Llama has no equivalent; only dense attention converts")
         if not isinstance(block.ffn, MLP) or block.ffn.activation != "swiglu":
