@@ -320,6 +320,10 @@ def test_export_picks_the_architecture_the_run_needs():
     assert architecture_for(moe_config(**gated)).model_type == "qwen2_moe"
     assert architecture_for(moe_config({"qkv_bias": True}, layers=[1], **gated)
                             ).model_type == "qwen2_moe"
+    from condcomp.hf.architectures import QWEN2_MOE, hf_config_dict
+
+    two = moe_config(**dict(gated, num_shared_experts=2))  # one shared MLP, twice as wide
+    assert hf_config_dict(two, QWEN2_MOE, None)["shared_expert_intermediate_size"] == 48
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -372,3 +376,11 @@ def test_a_run_that_routes_with_a_selection_bias_is_not_exported(imported, tmp_p
 def test_an_unknown_qk_norm_is_a_config_error():
     with pytest.raises(ConfigError, match="model.attention.qk_norm = 'rows' is unknown"):
         moe_config({"qk_norm": "rows"})
+
+
+def test_attention_options_at_their_defaults_export_as_plain_attention():
+    cfg = ModelConfig(vocab_size=VOCAB, attention=SeamConfig("dense", options={
+        "qkv_bias": False, "qk_norm": "none", "clip_qkv": 0.0}))
+    assert architecture_for(cfg).model_type == "llama"
+    assert architecture_for(moe_config({"qkv_bias": False}, normalize_topk=True)
+                            ).model_type == "mixtral"

@@ -90,7 +90,7 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
                 f"model.{seam_name}.kind = {seam.kind!r}: HF Llama has no equivalent of this "
                 f"conditional family; only dense models ({seam_name} = {default!r}) convert"
             )
-    if cfg.attention.kind == "dense" and cfg.attention.options:
+    if cfg.attention.kind == "dense" and _has_attention_options(cfg):
         raise ConfigError(f"model.attention options {cfg.attention.options}: HF Llama has no "
                           "Q/K norm, Q/K/V clamp or Q/K/V biases; only plain dense attention "
                           "converts (the MoE architectures of condcomp import-hf / export-hf "
@@ -102,6 +102,15 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
             "some layers: HF Llama has one intermediate_size for every layer; set model.d_ff "
             "instead"
         )
+
+
+def _has_attention_options(cfg: ModelConfig) -> bool:
+    """Whether the dense attention of ``cfg`` sets any option away from its default (an
+    option written out at its default, such as ``qkv_bias = false``, is plain attention)."""
+    from condcomp import registry
+
+    options = registry.parse_options("attention", cfg.attention)
+    return options.qk_norm != "none" or bool(options.clip_qkv) or bool(options.qkv_bias)
 
 
 def _check_modules(model: TransformerLM) -> None:
