@@ -1,10 +1,12 @@
-"""``condcomp import-hf`` / ``export-hf`` with HF Mixtral, Qwen3-MoE, OLMoE (and Llama).
+"""``condcomp import-hf`` / ``export-hf`` with HF Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE (and
+Llama).
 
 Tiny random HF models, saved with ``save_pretrained`` (whole and in small shards), are
 imported into run folders: their logits must equal HF's to float32 rounding and greedy
 decoding must pick the same tokens, which checks the expert stacking, the router settings
-(Mixtral's renormalised top-k, ``norm_topk_prob``) and the attention options (Q/K norm per
-head or per projection, OLMoE's clamp). Exported folders load with ``from_pretrained``, and
+(Mixtral's renormalised top-k, ``norm_topk_prob``), Qwen2-MoE's gated shared expert and the
+attention options (Q/K norm per head or per projection, OLMoE's clamp, Qwen2-MoE's Q/K/V
+biases). Exported folders load with ``from_pretrained``, and
 a folder imported and exported again holds the same tensors bit for bit.
 """
 
@@ -42,7 +44,7 @@ def hf_config(name: str, **overrides):
     heads are twice hidden_size / num_attention_heads wide, as in the released models."""
     arch, _, variant = name.partition("+")
     kw = dict(SHAPE, **overrides)
-    if variant == "dense-layer":  # Qwen3-MoE's dense layers: an MLP, not the MoE, in layer 1
+    if variant == "dense-layer":  # Qwen2/3-MoE's dense layers: an MLP, not the MoE, in layer 1
         kw.update(num_hidden_layers=3, mlp_only_layers=[1])
     if arch == "mixtral":
         return transformers.MixtralConfig(**{"intermediate_size": 48, "num_local_experts": 4,
@@ -52,6 +54,11 @@ def hf_config(name: str, **overrides):
             "intermediate_size": 64, "moe_intermediate_size": 48, "num_experts": 4,
             "num_experts_per_tok": 2, "head_dim": 16, "norm_topk_prob": True,
             "tie_word_embeddings": True, **kw})
+    if arch == "qwen2_moe":  # without norm_topk_prob, as the released Qwen1.5-MoE
+        return transformers.Qwen2MoeConfig(**{
+            "intermediate_size": 64, "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 40, "num_experts": 4, "num_experts_per_tok": 2,
+            "norm_topk_prob": False, "router_aux_loss_coef": 0.01, **kw})
     if arch == "olmoe":
         return transformers.OlmoeConfig(**{"intermediate_size": 48, "num_experts": 4,
                                            "num_experts_per_tok": 2, "clip_qkv": 0.5, **kw})
@@ -61,7 +68,7 @@ def hf_config(name: str, **overrides):
 def save_hf_model(arch: str, folder: Path, shard: bool = False, fused: bool = False,
                   **overrides):
     """A random HF model of ``arch`` saved in ``folder``, with random norm gains so that a
-    swapped or missing norm shows; ``fused``: in transformers 5's in-memory layout (all the
+    swapped or missing norm shows, and random biases (HF starts them at zero); ``fused``: in transformers 5's in-memory layout (all the
     experts of a layer in one tensor) instead of the per-expert names."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides)).eval()
@@ -69,14 +76,18 @@ def save_hf_model(arch: str, folder: Path, shard: bool = False, fused: bool = Fa
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(folder, **({"max_shard_size": "20KB"} if shard else {}),
                           **({"save_original_format": False} if fused else {}))
     return model
 
 
-ARCHS = ["mixtral", "qwen3_moe", "qwen3_moe+dense-layer", "olmoe", "llama"]
+ARCHS = ["mixtral", "qwen3_moe", "qwen3_moe+dense-layer", "qwen2_moe",
+         "qwen2_moe+dense-layer", "olmoe", "llama"]
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-           "qwen3_moe+dense-layer": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+           "qwen3_moe+dense-layer": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "qwen2_moe+dense-layer": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
            "llama": "LlamaForCausalLM"}
 
 
@@ -128,7 +139,7 @@ def test_export_loads_with_from_pretrained_and_round_trips_bit_for_bit(imported,
         assert torch.equal(tensor, back.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
 def test_sharded_and_fused_folders_import_the_same_weights(arch, tmp_path):
     save_hf_model(arch, tmp_path / "whole")
     save_hf_model(arch, tmp_path / "sharded", shard=True)
@@ -182,7 +193,7 @@ def test_an_unsupported_architecture_is_one_clear_error(tmp_path, capsys):
     gpt2.save_pretrained(tmp_path / "gpt2")
     err = _cli_error(["import-hf", str(tmp_path / "gpt2"), str(tmp_path / "run")], capsys)
     assert "model_type = 'gpt2' (GPT2LMHeadModel) is not supported" in err
-    assert "mixtral, qwen3_moe, olmoe" in err
+    assert "mixtral, qwen3_moe, qwen2_moe, olmoe" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -191,6 +202,12 @@ def test_an_unsupported_architecture_is_one_clear_error(tmp_path, capsys):
     ("mixtral", {"sliding_window": 16}, "sliding_window = 16 is not supported"),
     ("olmoe", {"attention_bias": True}, "attention_bias = True is not supported"),
     ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+    ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window = True is not supported"),
+    ("qwen2_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                       "original_max_position_embeddings": 32}},
+     "rope_parameters.rope_type = 'yarn'"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0},
+     "shared_expert_intermediate_size = 0 is not supported"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "rope_parameters.rope_type = 'linear'"),
 ])
@@ -264,6 +281,33 @@ def test_qwen3_moe_dense_layers_are_the_layers_outside_the_moe():
     assert cfg.ffn.layers == [1, 3] and cfg.d_ff == raw["intermediate_size"]
 
 
+def test_qwen2_moe_config_reads_its_shared_expert_and_qkv_bias():
+    from condcomp.hf.architectures import hf_config_dict, model_config_from_hf_dict
+
+    raw = json.loads(hf_config("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2)
+                     .to_json_string())
+    arch, cfg = model_config_from_hf_dict(raw)
+    assert cfg.ffn.layers == [1, 3] and cfg.d_ff == 64
+    assert cfg.attention.options == {"qkv_bias": True}
+    options = cfg.ffn.options
+    assert (options["num_shared_experts"], options["d_shared"], options["shared_gate"],
+            options["d_expert"], options["normalize_topk"], options["load_balance_coef"]) == \
+        (1, 40, "sigmoid", 48, False, 0.01)
+    back = hf_config_dict(cfg, arch, None)
+    assert (back["qkv_bias"], back["shared_expert_intermediate_size"], back["mlp_only_layers"],
+            back["moe_intermediate_size"]) == (True, 40, [0, 2], 48)
+    # transformers 4 has no qkv_bias field: its Qwen2-MoE always has the biases.
+    del raw["qkv_bias"]
+    assert model_config_from_hf_dict(raw)[1].attention.options == {"qkv_bias": True}
+    raw["qkv_bias"] = False
+    _, cfg = model_config_from_hf_dict(raw)
+    assert cfg.attention.options == {}
+    assert hf_config_dict(cfg, arch, None)["qkv_bias"] is False
+    raw["layer_types"] = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(ConfigError, match="layer_types = 'sliding_attention' is not supp"):
+        model_config_from_hf_dict(raw)
+
+
 def test_export_picks_the_architecture_the_run_needs():
     assert architecture_for(moe_config(normalize_topk=True)).model_type == "mixtral"
     assert architecture_for(moe_config({"qk_norm": "head"})).model_type == "qwen3_moe"
@@ -272,6 +316,14 @@ def test_export_picks_the_architecture_the_run_needs():
     assert architecture_for(moe_config({"qk_norm": "projection", "clip_qkv": 8.0})
                             ).model_type == "olmoe"
     assert architecture_for(ModelConfig(vocab_size=VOCAB)).model_type == "llama"
+    gated = dict(num_shared_experts=1, d_shared=24, shared_gate="sigmoid")
+    assert architecture_for(moe_config(**gated)).model_type == "qwen2_moe"
+    assert architecture_for(moe_config({"qkv_bias": True}, layers=[1], **gated)
+                            ).model_type == "qwen2_moe"
+    from condcomp.hf.architectures import QWEN2_MOE, hf_config_dict
+
+    two = moe_config(**dict(gated, num_shared_experts=2))  # one shared MLP, twice as wide
+    assert hf_config_dict(two, QWEN2_MOE, None)["shared_expert_intermediate_size"] == 48
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -279,7 +331,13 @@ def test_export_picks_the_architecture_the_run_needs():
     (lambda: moe_config(), "normalize_topk = false without a Q/K norm"),
     (lambda: moe_config({"clip_qkv": 1.0}, normalize_topk=True), "clip_qkv"),
     (lambda: moe_config({"qk_norm": "head", "clip_qkv": 1.0}), "clip_qkv"),
-    (lambda: moe_config(normalize_topk=True, layers="even"), "only Qwen3-MoE has dense"),
+    (lambda: moe_config(normalize_topk=True, layers="even"), "only Qwen3-MoE, which"),
+    (lambda: moe_config({"qkv_bias": True}, normalize_topk=True),
+     "qkv_bias without a shared expert"),
+    (lambda: moe_config({"qk_norm": "head"}, num_shared_experts=1, shared_gate="sigmoid"),
+     "num_shared_experts with model.attention.qk_norm"),
+    (lambda: ModelConfig(vocab_size=VOCAB, attention=SeamConfig("dense", options={
+        "qkv_bias": True})), "HF Llama has no Q/K norm, Q/K/V clamp or Q/K/V biases"),
     (lambda: moe_config(normalize_topk=True, score="sigmoid"), "score = 'sigmoid'"),
     (lambda: moe_config(normalize_topk=True, route_scale=2.5), "route_scale = 2.5"),
     (lambda: moe_config(normalize_topk=True, expert_groups=2, groups_per_token=1),
@@ -318,3 +376,11 @@ def test_a_run_that_routes_with_a_selection_bias_is_not_exported(imported, tmp_p
 def test_an_unknown_qk_norm_is_a_config_error():
     with pytest.raises(ConfigError, match="model.attention.qk_norm = 'rows' is unknown"):
         moe_config({"qk_norm": "rows"})
+
+
+def test_attention_options_at_their_defaults_export_as_plain_attention():
+    cfg = ModelConfig(vocab_size=VOCAB, attention=SeamConfig("dense", options={
+        "qkv_bias": False, "qk_norm": "none", "clip_qkv": 0.0}))
+    assert architecture_for(cfg).model_type == "llama"
+    assert architecture_for(moe_config({"qkv_bias": False}, normalize_topk=True)
+                            ).model_type == "mixtral"

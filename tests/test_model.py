@@ -96,6 +96,33 @@ def test_flops_per_token_by_hand():
     assert model.flops_per_token(T) == pytest.approx(expected)
 
 
+def test_qkv_biases_are_zero_initialised_parameters_the_plan_counts():
+    """``qkv_bias``: ``wq/wk/wv.bias`` (not ``wo``), zero at init so the model starts as the
+    bias-free one does; the plan counts them (its activations and FLOPs do not change), and
+    cached decoding still equals the full forward."""
+    from condcomp.config import RunConfig, TrainConfig
+    from condcomp.plan import make_plan
+
+    plain = tiny_model_cfg()
+    cfg = tiny_model_cfg(attention=dict(kind="dense", options={"qkv_bias": True}))
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    names = {n: p.shape for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert names == {f"layers.{i}.block.attn.qkv.{w}.bias": (n,) for i in range(2)
+                     for w, n in (("wq", 32), ("wk", 16), ("wv", 16))}
+    assert all(p.eq(0).all() for n, p in model.named_parameters() if n.endswith(".bias"))
+    assert model.num_params() == TransformerLM(plain).num_params() + 2 * (32 + 16 + 16)
+    assert model.flops_per_token(16) == TransformerLM(plain).flops_per_token(16)
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=32, batch_size=2, device="cpu"))
+    run.validate()
+    assert make_plan(run, 1).params.total == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.uniform_(-1.0, 1.0)
+    assert_cached_decoding_matches(model.eval(), torch.randint(0, 97, (2, 12)), prefill=5)
+
+
 def test_mfu_is_none_on_cpu():
     model = TransformerLM(tiny_model_cfg())
     assert model.estimate_mfu(1e6, 16, "cpu") is None

@@ -3,7 +3,7 @@
 - :mod:`condcomp.hf.llama`: in-memory conversion between a dense condcomp model and
   ``LlamaForCausalLM``, and the MoE layer to Mixtral's ``MixtralSparseMoeBlock``;
 - :mod:`condcomp.hf.architectures`: the HF architectures a run folder can be read from and
-  written as (Llama, Mixtral, Qwen3-MoE, OLMoE), config by config;
+  written as (Llama, Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE), config by config;
 - :mod:`condcomp.hf.checkpoints`: their on-disk weight names, and reading / writing
   ``save_pretrained`` folders (``condcomp import-hf`` / ``export-hf``).
 

@@ -1,19 +1,26 @@
 """The HF causal-LM architectures a condcomp model is read from and written as, and the
 translation of their ``config.json`` to a :class:`ModelConfig` and back.
 
-All four are pre-norm RMSNorm transformers with rotate-half RoPE, grouped-query attention and
+All five are pre-norm RMSNorm transformers with rotate-half RoPE, grouped-query attention and
 SwiGLU FFNs, which is condcomp's dense model; they differ in the FFN slot and in attention:
 
-===============  ====================  =================================  ====================
-HF model_type    FFN slot              attention                          router (softmax)
-===============  ====================  =================================  ====================
-``llama``        dense SwiGLU MLP      plain                              -
-``mixtral``      MoE, every layer      plain                              top-k renormalised
-``qwen3_moe``    MoE, but dense in     RMSNorm on each Q/K head           ``norm_topk_prob``
+===============  ======================  =================================  ==================
+HF model_type    FFN slot                attention                          router (softmax)
+===============  ======================  =================================  ==================
+``llama``        dense SwiGLU MLP        plain                              -
+``mixtral``      MoE, every layer        plain                              top-k renormalised
+``qwen3_moe``    MoE, but dense in       RMSNorm on each Q/K head           ``norm_topk_prob``
                  ``mlp_only_layers``
-``olmoe``        MoE, every layer      RMSNorm on the Q/K projections,    ``norm_topk_prob``
-                                       optional ``clip_qkv``
-===============  ====================  =================================  ====================
+``qwen2_moe``    MoE with a gated        biases on q, k, v (``qkv_bias``)   ``norm_topk_prob``
+                 shared expert, dense
+                 in ``mlp_only_layers``
+``olmoe``        MoE, every layer        RMSNorm on the Q/K projections,    ``norm_topk_prob``
+                                         optional ``clip_qkv``
+===============  ======================  =================================  ==================
+
+Qwen2-MoE's shared expert (``shared_expert``, width ``shared_expert_intermediate_size``) is
+the MoE layer's ``shared_experts`` MLP (``num_shared_experts = 1``, ``d_shared``), and its
+``shared_expert_gate`` the layer's ``shared_gate = "sigmoid"``.
 
 The config is read as the JSON dict ``save_pretrained`` writes (no ``transformers`` needed).
 Every field that changes what the model computes and that condcomp cannot represent raises a
@@ -42,6 +49,8 @@ class Architecture:
     expert_weights: tuple[str, str, str]  # on-disk names of one expert's (gate, up, down)
     num_experts_field: str = ""
     expert_width_field: str = ""
+    shared_expert: bool = False  # Qwen2-MoE's gated shared expert beside the routed ones
+    dense_layers: bool = False  # MoE, but a dense MLP in mlp_only_layers (decoder_sparse_step)
 
 
 LLAMA = Architecture("llama", "LlamaForCausalLM", False, "none", "mlp",
@@ -50,10 +59,14 @@ MIXTRAL = Architecture("mixtral", "MixtralForCausalLM", True, "none", "block_spa
                        ("w1", "w3", "w2"), "num_local_experts", "intermediate_size")
 QWEN3_MOE = Architecture("qwen3_moe", "Qwen3MoeForCausalLM", True, "head", "mlp",
                          ("gate_proj", "up_proj", "down_proj"), "num_experts",
-                         "moe_intermediate_size")
+                         "moe_intermediate_size", dense_layers=True)
+QWEN2_MOE = Architecture("qwen2_moe", "Qwen2MoeForCausalLM", True, "none", "mlp",
+                         ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                         "moe_intermediate_size", shared_expert=True, dense_layers=True)
 OLMOE = Architecture("olmoe", "OlmoeForCausalLM", True, "projection", "mlp",
                      ("gate_proj", "up_proj", "down_proj"), "num_experts", "intermediate_size")
-ARCHITECTURES = {a.model_type: a for a in (LLAMA, MIXTRAL, QWEN3_MOE, OLMOE)}
+ARCHITECTURES = {a.model_type: a for a in (LLAMA, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE)}
+HF_NAMES = "Llama, Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE"  # for messages
 
 
 def architecture_of(raw: dict[str, Any]) -> Architecture:
@@ -98,11 +111,15 @@ def _check_common(raw: dict[str, Any], arch: Architecture) -> None:
     for field in ("attention_bias", "mlp_bias"):
         if raw.get(field):
             raise _refuse(field, raw[field], "false (bias-free projections)")
-    if arch.model_type == "qwen3_moe":
+    if arch.model_type in ("qwen3_moe", "qwen2_moe"):  # sliding_window counts only with this
         if raw.get("use_sliding_window"):
             raise _refuse("use_sliding_window", True, "false (full causal attention)")
     elif raw.get("sliding_window") is not None:
         raise _refuse("sliding_window", raw["sliding_window"], "null (full causal attention)")
+    layer_types = raw.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        other = next(t for t in layer_types if t != "full_attention")
+        raise _refuse("layer_types", other, "'full_attention' on every layer")
     if raw.get("router_jitter_noise"):
         raise _refuse("router_jitter_noise", raw["router_jitter_noise"],
                       "0 (Mixtral's jitter scales the experts' input too, condcomp's "
@@ -119,9 +136,10 @@ def _num_experts(raw: dict[str, Any], arch: Architecture) -> int:
 
 
 def _moe_layers(raw: dict[str, Any], arch: Architecture, n_layers: int) -> LayerSelection:
-    """The layers whose FFN is the MoE: every one, except Qwen3-MoE's dense layers (those in
-    ``mlp_only_layers``, and with ``decoder_sparse_step = s`` all but every s-th)."""
-    if arch is not QWEN3_MOE:
+    """The layers whose FFN is the MoE: every one, except Qwen3-MoE's and Qwen2-MoE's dense
+    layers (those in ``mlp_only_layers``, and with ``decoder_sparse_step = s`` all but every
+    s-th)."""
+    if not arch.dense_layers:
         return "all"
     step = raw.get("decoder_sparse_step") or 1
     if not isinstance(step, int) or step < 1:
@@ -129,6 +147,14 @@ def _moe_layers(raw: dict[str, Any], arch: Architecture, n_layers: int) -> Layer
     dense = raw.get("mlp_only_layers") or []
     layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
     return "all" if len(layers) == n_layers else layers
+
+
+def _shared_expert(raw: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-MoE's shared expert as the MoE options: one shared MLP, sigmoid-gated."""
+    width = raw["shared_expert_intermediate_size"]
+    if not isinstance(width, int) or width < 1:
+        raise _refuse("shared_expert_intermediate_size", width, "a positive integer")
+    return dict(num_shared_experts=1, d_shared=width, shared_gate="sigmoid")
 
 
 def model_config_from_hf_dict(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
@@ -152,6 +178,9 @@ def _model_config(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
         attention_options["qk_norm"] = arch.qk_norm
     if raw.get("clip_qkv"):
         attention_options["clip_qkv"] = float(raw["clip_qkv"])
+    # Qwen2-MoE: transformers 4 has no qkv_bias field and always gives q, k, v biases.
+    if arch is QWEN2_MOE and raw.get("qkv_bias", True):
+        attention_options["qkv_bias"] = True
     ffn = SeamConfig(kind=SEAM_DEFAULTS["ffn"])
     if arch.moe:
         n_layers = int(raw["num_hidden_layers"])
@@ -164,6 +193,7 @@ def _model_config(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
             load_balance_coef=float(raw.get("router_aux_loss_coef", 0.0)),
             # HF's MoE models train without a router z-loss.
             z_loss_coef=0.0,
+            **(_shared_expert(raw) if arch.shared_expert else {}),
         ))
     cfg = ModelConfig(
         vocab_size=int(raw["vocab_size"]),
@@ -173,7 +203,7 @@ def _model_config(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
         n_kv_heads=int(raw.get("num_key_value_heads") or heads),
         # 0 (d_model / n_heads) where that is the head width, so the config reads as usual.
         d_head=0 if head_dim * heads == hidden else head_dim,
-        d_ff=int(raw["intermediate_size"]),  # Qwen3-MoE: the width of its dense layers
+        d_ff=int(raw["intermediate_size"]),  # Qwen2/3-MoE: the width of their dense layers
         activation="swiglu",
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
         rope_theta=_rope_theta(raw),
@@ -194,15 +224,15 @@ def _model_config(raw: dict[str, Any]) -> tuple[Architecture, ModelConfig]:
 
 
 def _refuse_export(what: str) -> ConfigError:
-    return ConfigError(f"{what}: no HF architecture (Llama, Mixtral, Qwen3-MoE, OLMoE) has an "
-                       "equivalent")
+    return ConfigError(f"{what}: no HF architecture ({HF_NAMES}) has an equivalent")
 
 
 def architecture_for(cfg: ModelConfig) -> Architecture:
     """The HF architecture that holds ``cfg``: Llama for a dense model, Mixtral for an MoE
-    one, Qwen3-MoE (Q/K norm per head) or OLMoE (Q/K norm over the projections, optional
-    clamp) when its attention has their norms. Without a Q/K norm the top-k weights must be
-    renormalised, as Mixtral always does."""
+    one, Qwen2-MoE when it has a sigmoid-gated shared expert (optional Q/K/V biases, no Q/K
+    norm), Qwen3-MoE (Q/K norm per head) or OLMoE (Q/K norm over the projections, optional
+    clamp) when its attention has their norms. Otherwise, without a Q/K norm the top-k
+    weights must be renormalised, as Mixtral always does."""
 
     for name in ("wrapper", "residual"):
         seam = getattr(cfg, name)
@@ -225,8 +255,9 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
         problems.append("routing = 'expert_choice'")
     if options.capacity_factor is not None:
         problems.append("a capacity_factor (HF's MoE models are dropless)")
-    if options.num_shared_experts:
-        problems.append("num_shared_experts")
+    if options.num_shared_experts and options.shared_gate != "sigmoid":
+        problems.append("num_shared_experts without shared_gate = 'sigmoid' (Qwen2-MoE, the "
+                        "one with a shared expert, gates it)")
     if options.num_noop_experts:
         problems.append("num_noop_experts")
     if options.bias_update_rate:
@@ -234,6 +265,16 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
     problems += router_problems(options.score, options.route_scale, options.expert_groups)
     if problems:
         raise _refuse_export("model.ffn with " + ", ".join(problems))
+    if options.num_shared_experts:
+        if attention.qk_norm != "none" or attention.clip_qkv:
+            raise _refuse_export("model.ffn.num_shared_experts with model.attention.qk_norm or "
+                                 "clip_qkv (Qwen2-MoE, the HF MoE model with a shared expert, "
+                                 "has neither)")
+        return QWEN2_MOE  # dense layers (mlp_only_layers) and Q/K/V biases or not
+    if attention.qkv_bias:
+        raise _refuse_export("model.attention.qkv_bias without a shared expert (only Qwen2-MoE "
+                             "has Q/K/V biases, and it has a shared expert with shared_gate = "
+                             "'sigmoid')")
     if attention.clip_qkv and attention.qk_norm != "projection":
         raise _refuse_export("model.attention.clip_qkv without qk_norm = 'projection' (only "
                              "OLMoE clamps, and it norms the whole Q/K projections)")
@@ -241,8 +282,8 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
         return QWEN3_MOE  # the one with dense layers between MoE layers (mlp_only_layers)
     if len(moe_layers) != cfg.n_layers:
         raise _refuse_export(f"model.ffn.layers = {cfg.ffn.layers!r} without qk_norm = 'head' "
-                             "(of the HF MoE models only Qwen3-MoE has dense layers, and it "
-                             "norms each Q/K head)")
+                             "or a shared expert (of the HF MoE models only Qwen3-MoE, which "
+                             "norms each Q/K head, and Qwen2-MoE have dense layers)")
     if attention.qk_norm == "projection":
         return OLMOE
     if not options.normalize_topk:
@@ -308,10 +349,17 @@ def hf_config_dict(cfg: ModelConfig, arch: Architecture, eos_id: int | None) -> 
                    router_jitter_noise=0.0)
     else:
         raw.update(num_experts=moe.num_experts, norm_topk_prob=moe.normalize_topk)
-    if arch is QWEN3_MOE:
+    if arch.dense_layers:
         dense = sorted(set(range(cfg.n_layers)) - moe_layers_of(cfg))
-        raw.update(num_local_experts=moe.num_experts, decoder_sparse_step=1,
-                   mlp_only_layers=dense, use_sliding_window=False, sliding_window=None)
+        raw.update(decoder_sparse_step=1, mlp_only_layers=dense, use_sliding_window=False,
+                   sliding_window=None)
+    if arch is QWEN3_MOE:
+        raw["num_local_experts"] = moe.num_experts
+    if arch is QWEN2_MOE:
+        raw.update(qkv_bias=_attention_options(cfg).qkv_bias,
+                   shared_expert_intermediate_size=(moe.d_shared or moe.d_expert
+                                                    or cfg.ffn_hidden) * moe.num_shared_experts,
+                   max_window_layers=cfg.n_layers)
     if arch is OLMOE:
         raw["clip_qkv"] = _attention_options(cfg).clip_qkv or None
     return raw

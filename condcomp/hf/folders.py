@@ -163,7 +163,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str | Path | 
            if hasattr(m, "selection_bias")):
         raise ConfigError(f"{run.checkpoint.path} routes with a selection bias (its "
                           "selection_bias is not zero): no HF architecture (Llama, Mixtral, "
-                          "Qwen3-MoE, OLMoE) has an equivalent")
+                          "Qwen3-MoE, Qwen2-MoE, OLMoE) has an equivalent")
     if hf_dir.exists() and any(hf_dir.iterdir()):
         raise CondcompError(f"{hf_dir} exists and is not empty; export into a new folder")
     pairs = weight_pairs(arch, run.cfg.model, _num_experts(run.cfg.model))

@@ -90,10 +90,11 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
                 f"model.{seam_name}.kind = {seam.kind!r}: HF Llama has no equivalent of this "
                 f"conditional family; only dense models ({seam_name} = {default!r}) convert"
             )
-    if cfg.attention.kind == "dense" and cfg.attention.options:
+    if cfg.attention.kind == "dense" and _has_attention_options(cfg):
         raise ConfigError(f"model.attention options {cfg.attention.options}: HF Llama has no "
-                          "Q/K norm or Q/K/V clamp; only plain dense attention converts (the "
-                          "MoE architectures of condcomp import-hf / export-hf have them)")
+                          "Q/K norm, Q/K/V clamp or Q/K/V biases; only plain dense attention "
+                          "converts (the MoE architectures of condcomp import-hf / export-hf "
+                          "have them)")
     d_ff = cfg.ffn.options.get("d_ff", 0) if cfg.ffn.kind == "mlp" else 0
     if d_ff and d_ff != cfg.ffn_hidden:
         raise ConfigError(
@@ -101,6 +102,15 @@ def check_llama_compatible(cfg: ModelConfig) -> None:
             "some layers: HF Llama has one intermediate_size for every layer; set model.d_ff "
             "instead"
         )
+
+
+def _has_attention_options(cfg: ModelConfig) -> bool:
+    """Whether the dense attention of ``cfg`` sets any option away from its default (an
+    option written out at its default, such as ``qkv_bias = false``, is plain attention)."""
+    from condcomp import registry
+
+    options = registry.parse_options("attention", cfg.attention)
+    return options.qk_norm != "none" or bool(options.clip_qkv) or bool(options.qkv_bias)
 
 
 def _check_modules(model: TransformerLM) -> None:
@@ -120,7 +130,7 @@ def _check_modules(model: TransformerLM) -> None:
                               "equivalent; only the dense wrapper ('full') converts")
         block = layer.block
         if not isinstance(block.attn.qkv, DenseQKV) or block.attn.qkv.qk_norm != "none" \
-                or block.attn.qkv.clip_qkv:
+                or block.attn.qkv.clip_qkv or block.attn.qkv.qkv_bias:
             raise ConfigError(f"layer {i} uses {type(block.attn.qkv).__name__} projections: HF "
                               "Llama has no equivalent; only dense attention converts")
         if not isinstance(block.ffn, MLP) or block.ffn.activation != "swiglu":

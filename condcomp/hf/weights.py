@@ -21,6 +21,15 @@ layout instead, which import reads too (:func:`fused_expert_pairs`)::
     model.layers.{i}.mlp.experts.down_proj           [E, D, H]    w2^T
 
 Export writes the per-expert names, which every transformers version loads.
+
+Qwen2-MoE adds, on its MoE layers, the shared expert and its gate, and, with ``qkv_bias``,
+the biases of the q, k, v projections on every layer::
+
+    model.layers.{i}.mlp.shared_expert.gate_proj.weight   [S, D]  shared_experts.w1^T
+    model.layers.{i}.mlp.shared_expert.up_proj.weight     [S, D]  shared_experts.w3^T
+    model.layers.{i}.mlp.shared_expert.down_proj.weight   [D, S]  shared_experts.w2^T
+    model.layers.{i}.mlp.shared_expert_gate.weight        [1, D]  shared_gate.weight
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias                  attn.qkv.{wq,wk,wv}.bias
 """
 
 from __future__ import annotations
@@ -61,6 +70,16 @@ _ATTENTION = [("attn_norm.weight", "input_layernorm.weight"),
               ("ffn_norm.weight", "post_attention_layernorm.weight")]
 _QK_NORMS = [("attn.qkv.q_norm.weight", "self_attn.q_norm.weight"),
              ("attn.qkv.k_norm.weight", "self_attn.k_norm.weight")]
+_QKV_BIASES = [("attn.qkv.wq.bias", "self_attn.q_proj.bias"),
+               ("attn.qkv.wk.bias", "self_attn.k_proj.bias"),
+               ("attn.qkv.wv.bias", "self_attn.v_proj.bias")]
+
+
+def _has_qkv_bias(cfg: ModelConfig) -> bool:
+    from condcomp import registry
+
+    return cfg.attention.kind == "dense" and bool(
+        registry.parse_options("attention", cfg.attention).qkv_bias)
 
 
 def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
@@ -71,9 +90,11 @@ def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
     pairs = [WeightPair("tok_emb.weight", "model.embed_tokens.weight")]
     gate, up, down = arch.expert_weights
     moe_layers = moe_layers_of(cfg)
+    qkv_bias = _has_qkv_bias(cfg)
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}.block.", f"model.layers.{i}."
-        layer = list(_ATTENTION) + (list(_QK_NORMS) if arch.qk_norm != "none" else [])
+        layer = list(_ATTENTION) + (list(_QK_NORMS) if arch.qk_norm != "none" else []) \
+            + (list(_QKV_BIASES) if qkv_bias else [])
         pairs += [WeightPair(ours + a, hf + b) for a, b in layer]
         ffn = f"{hf}{arch.ffn_module}."
         if i not in moe_layers:
@@ -83,6 +104,16 @@ def weight_pairs(arch: Architecture, cfg: ModelConfig, num_experts: int = 0
                       WeightPair(f"{ours}ffn.w2", f"{mlp}down_proj.weight", True)]
             continue
         pairs.append(WeightPair(f"{ours}ffn.router.weight", f"{ffn}gate.weight"))
+        if arch.shared_expert:
+            shared = f"{ffn}shared_expert."
+            pairs += [WeightPair(f"{ours}ffn.shared_experts.w1", f"{shared}gate_proj.weight",
+                                 True),
+                      WeightPair(f"{ours}ffn.shared_experts.w3", f"{shared}up_proj.weight",
+                                 True),
+                      WeightPair(f"{ours}ffn.shared_experts.w2", f"{shared}down_proj.weight",
+                                 True),
+                      WeightPair(f"{ours}ffn.shared_gate.weight",
+                                 f"{ffn}shared_expert_gate.weight")]
         for e in range(num_experts):
             expert = f"{ffn}experts.{e}."
             pairs += [WeightPair(f"{ours}ffn.experts.w1", f"{expert}{gate}.weight", True, e),

@@ -3,7 +3,7 @@
 The Q/K/V projections are the seam (docs/design.md, "The four seams"): a registered family maps
 ``(x[B, T, D], positions)`` to ``q[B, T, H, d]``, ``k[B, T, H_kv, d]``, ``v[B, T, H_kv, d]``,
 and builds the output layer ``wo`` (``output_layer(H * d, D)``). The dense family is three
-bias-free linear layers and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al.
+linear layers (bias-free unless ``qkv_bias``) and a bias-free linear ``wo``. Grouped-query attention (Ainslie et al.
 2023) shares each K/V head among ``H / H_kv`` query heads.
 
 Two options of the dense family exist so that the pretrained MoE models of HF transformers
@@ -14,7 +14,10 @@ load unchanged (condcomp.hf):
   ``"projection"`` over the whole projection (OLMoE; ``q_norm.weight [H*d]``,
   ``k_norm.weight [H_kv*d]``); ``"none"`` (default) has neither;
 - ``clip_qkv``: clamp q, k and v to ``[-c, c]`` after the projections and norms (OLMoE's
-  ``clip_qkv``, against loss spikes); 0 (default): no clamp.
+  ``clip_qkv``, against loss spikes); 0 (default): no clamp;
+- ``qkv_bias``: ``true`` gives the q, k and v projections biases (Qwen2-MoE's ``qkv_bias``;
+  weights ``wq.bias [H*d]``, ``wk.bias`` / ``wv.bias [H_kv*d]``, initialised to zero);
+  ``wo`` stays bias-free. ``false`` (default): no biases.
 """
 
 from __future__ import annotations
@@ -37,17 +40,19 @@ QK_NORMS = ("none", "head", "projection")
 
 
 class DenseQKV(nn.Module):
-    """Dense attention projections: ``wq [H*d, D]``, ``wk``/``wv [H_kv*d, D]`` (nn.Linear),
-    with the optional ``q_norm``/``k_norm`` (RMSNorm) and clamp of the module docstring."""
+    """Dense attention projections: ``wq [H*d, D]``, ``wk``/``wv [H_kv*d, D]`` (nn.Linear,
+    with biases when ``qkv_bias``), with the optional ``q_norm``/``k_norm`` (RMSNorm) and
+    clamp of the module docstring."""
 
     def __init__(self, d_model: int, n_heads: int, kv_heads: int, head_dim: int,
-                 qk_norm: str = "none", clip_qkv: float = 0.0, norm_eps: float = 1e-5) -> None:
+                 qk_norm: str = "none", clip_qkv: float = 0.0, norm_eps: float = 1e-5,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim
-        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
-        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(d_model, kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.qk_norm, self.clip_qkv, self.qkv_bias = qk_norm, clip_qkv, qkv_bias
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, kv_heads * head_dim, bias=qkv_bias)
         if qk_norm == "head":
             self.q_norm = RMSNorm(head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim, norm_eps)
@@ -77,11 +82,15 @@ class DenseQKV(nn.Module):
     def init_weights(self, std: float, residual_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         if self.qk_norm != "none":
             self.q_norm.init_weights(std, residual_std)
             self.k_norm.init_weights(std, residual_std)
 
     def flops_per_token(self) -> float:
+        """Multiply-adds of the projections (a bias adds one FLOP per output, not counted,
+        as the norms' FLOPs are not)."""
         return 2.0 * sum(lin.weight.numel() for lin in (self.wq, self.wk, self.wv))
 
 
@@ -154,6 +163,7 @@ class DenseQKVOptions:
     qk_norm: str = "none"  # none | head (Qwen3-MoE) | projection (OLMoE)
     # 0: no clamp (OLMoE uses 8). At most 1e30: a bound must be a float32 number.
     clip_qkv: float = ranged(0.0, ge=0.0, le=1e30)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
 
     def validate(self, cfg: ModelConfig) -> None:
         if self.qk_norm not in QK_NORMS:
@@ -163,7 +173,7 @@ class DenseQKVOptions:
 
 def _build_dense(options: DenseQKVOptions, cfg: ModelConfig, layer_idx: int | None) -> DenseQKV:
     return DenseQKV(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, options.qk_norm,
-                    options.clip_qkv, cfg.norm_eps)
+                    options.clip_qkv, cfg.norm_eps, options.qkv_bias)
 
 
 registry.register(registry.Family("dense", "attention", DenseQKVOptions, _build_dense,
