@@ -7,7 +7,7 @@ default, about 100M parameters; ``--hf-set`` changes its config) or one given wi
 ``--hf-dir``.
 
 **Import** (``--what import``). Each load runs in a fresh Python subprocess, the two sides
-taking turns (``--repeats`` each), so that each peak memory is that run's own and a load
+taking turns in ABBA order (``--repeats`` each), so that each peak memory is that run's own and a load
 change hits both alike. In the subprocess the modules the load needs are imported first
 (torch, condcomp's importer or transformers), then the peak resident set is reset (``5`` to
 ``/proc/self/clear_refs``) and the resident set read (the baseline: interpreter, torch,
@@ -194,7 +194,9 @@ def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any) -> dict[str
     size = folder_bytes(hf_dir)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for i in range(repeats):
-        for side in SIDES:
+        # ABBA: each side follows the other as often as itself (a load's cost here depends on
+        # the memory the process before it freed).
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
             run_dir = work / f"run-{side}-{i}"
             r = load_once(side, hf_dir, run_dir)
             runs[side].append(r)
@@ -302,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             result["import"] = measure_import(hf_dir, args.repeats, work, print)
             result["import"]["method"] = (
                 "median seconds of --repeats loads per side, each in a fresh subprocess, the "
-                "sides in turns; peak = VmHWM after the load less VmRSS before it, the peak "
+                "sides in turns, ABBA; peak = VmHWM after the load less VmRSS before it, the peak "
                 "reset (clear_refs 5) after the imports of torch and the loader's modules")
         if "decode" in what:
             result["decode"] = measure_decode(hf_dir, args, work, print)
