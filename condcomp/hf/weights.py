@@ -127,14 +127,18 @@ def ours_of(pair: WeightPair, state: dict[str, torch.Tensor]) -> torch.Tensor:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_AROUND = 1 << 20  # bytes beyond a tensor that reading it may have mapped (Linux: 64 KiB)
+# Bytes on each side of a tensor that reading it may have mapped too: a page fault maps its
+# neighbours (Linux's fault-around: 64 KiB); 1 MiB leaves a margin.
+_AROUND = 1 << 20
 
 
 class _MappedFile:
     """One safetensors file, memory-mapped: each tensor is a view of the mapping (no copy),
     and :meth:`release` drops a tensor's pages from this process's resident memory once it has
     been copied (they are read from the file again should it be touched again), so converting
-    a model holds the model and about one tensor of the file at a time."""
+    a model holds the model and about one tensor of the file at a time. The mapping is private
+    (copy on write) so that torch can view it; the views are read, never written (a page
+    written to would be lost by :meth:`release`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -177,7 +181,6 @@ class _MappedFile:
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         _, _, begin, end = self._span(name)
-        # With the pages around them: a page fault maps its neighbours too (fault-around).
         first = max(0, begin - _AROUND)
         first -= first % mmap.PAGESIZE
         end = min(len(self.map), end + _AROUND)
