@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--what", default="import,decode", help="comma list of: import, decode")
     p.add_argument("--repeats", type=flags.number(int, gt=0), default=3,
                    help="loads per side, in turns (default 3); the median is reported")
+    p.add_argument("--pause", type=flags.number(float, ge=0), default=0.0, metavar="SECONDS",
+                   help="wait this long before each load (default 0): memory the process before "
+                   "freed may cost more to reuse after a while (a virtual machine's free page "
+                   "reporting)")
     p.add_argument("--decode-tokens", type=flags.number(int, ge=2), default=128)
     p.add_argument("--prompt-len", type=flags.number(int, gt=0), default=16)
     p.add_argument("--decode-repeats", type=flags.number(int, gt=0), default=3)
@@ -190,7 +195,8 @@ def load_once(side: str, hf_dir: Path, run_dir: Path) -> dict[str, Any]:
     return r
 
 
-def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any) -> dict[str, Any]:
+def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any, pause: float = 0.0
+                   ) -> dict[str, Any]:
     size = folder_bytes(hf_dir)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for i in range(repeats):
@@ -198,6 +204,7 @@ def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any) -> dict[str
         # the memory the process before it freed).
         for side in SIDES if i % 2 == 0 else SIDES[::-1]:
             run_dir = work / f"run-{side}-{i}"
+            time.sleep(pause)
             r = load_once(side, hf_dir, run_dir)
             runs[side].append(r)
             write = f" (writing the checkpoint {r['write_seconds']:.2f} s)" if side == "condcomp" \
@@ -301,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         result["checkpoint_bytes"] = folder_bytes(hf_dir)
         if "import" in what:
             print(f"import: {args.repeats} loads per side, each in a fresh subprocess, in turns")
-            result["import"] = measure_import(hf_dir, args.repeats, work, print)
+            result["import"] = measure_import(hf_dir, args.repeats, work, print, args.pause)
             result["import"]["method"] = (
                 "median seconds of --repeats loads per side, each in a fresh subprocess, the "
                 "sides in turns, ABBA; peak = VmHWM after the load less VmRSS before it, the peak "
@@ -325,6 +332,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--what", args.what]
     if "import" in args.what:
         parts += ["--repeats", str(args.repeats)]
+        if args.pause:
+            parts += ["--pause", str(args.pause)]
     if "decode" in args.what:
         parts += ["--decode-tokens", str(args.decode_tokens), "--prompt-len",
                   str(args.prompt_len), "--decode-repeats", str(args.decode_repeats)]
