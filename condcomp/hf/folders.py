@@ -21,14 +21,17 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from condcomp.checkpoint import Checkpoint, save_checkpoint
 from condcomp.config import DataConfig, RunConfig, TrainConfig, apply_override, from_dict
@@ -119,6 +122,34 @@ def _run_config(run_dir: Path, model_cfg: Any, tokenizer: Tokenizer,
     return from_dict(raw).validate()
 
 
+_INITS = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
+          "xavier_uniform_", "xavier_normal_", "ones_", "zeros_", "constant_")
+
+
+@contextlib.contextmanager
+def _without_random_init() -> Iterator[None]:
+    """Modules built inside leave their parameters as ``torch.empty`` made them (memory not
+    yet touched) instead of initialising them: the import writes every weight once, from
+    the file. Buffers (RoPE's tables, ...) are built as usual."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name in _INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _check_filled(state: dict[str, torch.Tensor], model: TransformerLM,
+                  pairs: list[Any]) -> None:
+    """Every parameter is one an HF tensor filled (a tied head shares the embedding's)."""
+    filled = {state[p.ours].data_ptr() for p in pairs}
+    left = [name for name, p in model.named_parameters() if p.data_ptr() not in filled]
+    if left:
+        raise CondcompError(f"import-hf has no HF tensor for {left[:3]}")
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str = "auto",
               overrides: list[str] | None = None) -> tuple[Architecture, Path]:
     """Write the run folder of the HF model in ``hf_dir``; returns its architecture and the
@@ -132,11 +163,13 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str = "auto",
         raise CondcompError(f"{run_dir} exists and is not empty; import into a new folder")
     folder = SafetensorsFolder(hf_dir)
     try:
-        model = TransformerLM(model_cfg)
+        with _without_random_init():
+            model = TransformerLM(model_cfg)
         state = model.state_dict()  # the model's own tensors: filled in place
         pairs = weight_pairs(arch, model_cfg, _num_experts(model_cfg))
         if arch.moe:
             pairs = fused_expert_pairs(pairs, model_cfg, _d_expert(model_cfg), folder)
+        _check_filled(state, model, pairs)
         read_into(folder, pairs, state)
     finally:
         folder.close()

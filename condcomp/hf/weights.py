@@ -35,13 +35,13 @@ the biases of the q, k, v projections on every layer::
 from __future__ import annotations
 
 import json
+import math
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from condcomp.config import ModelConfig
 from condcomp.errors import CheckpointError
@@ -155,13 +155,84 @@ def ours_of(pair: WeightPair, state: dict[str, torch.Tensor]) -> torch.Tensor:
     return tensor if pair.expert is None else tensor[pair.expert]
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# Bytes on each side of a tensor that reading it may have mapped too: a page fault maps its
+# neighbours (Linux's fault-around: 64 KiB); 1 MiB leaves a margin.
+_AROUND = 1 << 20
+
+
+class _MappedFile:
+    """One safetensors file, memory-mapped: each tensor is a view of the mapping (no copy),
+    and :meth:`release` drops a tensor's pages from this process's resident memory once it has
+    been copied (they are read from the file again should it be touched again), so converting
+    a model holds the model and about one tensor of the file at a time. The mapping is private
+    (copy on write) so that torch can view it; the views are read, never written (a page
+    written to would be lost by :meth:`release`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"cannot read {path}: its header is not a safetensors one")
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def _span(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+        try:
+            entry = self.entries[name]
+            dtype, shape = _DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+            begin, end = (self.start + int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {name!r} of {self.path}: bad header entry "
+                                  f"({exc!r})") from None
+        if end - begin != math.prod(shape) * dtype.itemsize or end > len(self.map):
+            raise CheckpointError(f"cannot read {name!r} of {self.path}: its bytes do not hold "
+                                  f"a {entry['dtype']} tensor of shape {shape}")
+        return dtype, shape, begin, end
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._span(name)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=begin).view(shape)
+
+    def release(self, name: str) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self._span(name)
+        first = max(0, begin - _AROUND)
+        first -= first % mmap.PAGESIZE
+        end = min(len(self.map), end + _AROUND)
+        if end > first:
+            self.map.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view is still alive (an error mid-read): freed with it
+            pass
+
+
 class SafetensorsFolder:
     """The tensors of a ``save_pretrained`` folder, memory-mapped: ``model.safetensors`` or
-    the shards ``model.safetensors.index.json`` lists. A tensor is read when asked for, so
-    converting a model holds one tensor of it at a time besides the result."""
+    the shards ``model.safetensors.index.json`` lists. A tensor is a view of the mapping,
+    read when asked for; :meth:`release` gives its pages back once it has been copied."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._handles: dict[Path, _MappedFile] = {}
         index = folder / INDEX_FILE
         if index.is_file():
             try:
@@ -170,21 +241,17 @@ class SafetensorsFolder:
                 raise CheckpointError(f"{index} is unreadable ({exc})") from None
             self.file_of = {name: folder / file for name, file in weight_map.items()}
         elif (folder / SINGLE_FILE).is_file():
-            self.file_of = {}
-            with self._open(folder / SINGLE_FILE) as f:
-                for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                    self.file_of[name] = folder / SINGLE_FILE
+            self.file_of = {name: folder / SINGLE_FILE
+                            for name in self._open(folder / SINGLE_FILE).keys()}
         else:
             raise CheckpointError(
                 f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}; save the model with "
                 "save_pretrained (safetensors, the default) and import that folder")
-        self._handles: dict[Path, Any] = {}
 
-    def _open(self, path: Path) -> Any:
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
+    def _open(self, path: Path) -> _MappedFile:
+        if path not in self._handles:
+            self._handles[path] = _MappedFile(path)
+        return self._handles[path]
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -196,16 +263,16 @@ class SafetensorsFolder:
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder} has no tensor {name!r}, which its config.json "
                                   "implies; the folder is incomplete or of another model")
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = self._open(path).__enter__()
-        if rows is None:
-            return self._handles[path].get_tensor(name)
-        return self._handles[path].get_slice(name)[:, rows[0]:rows[1]]
+        tensor = self._open(self.file_of[name]).tensor(name)
+        return tensor if rows is None else tensor[:, rows[0]:rows[1]]
+
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from resident memory (its data stays in the file)."""
+        self._open(self.file_of[name]).release(name)
 
     def close(self) -> None:
         for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+            handle.close()
         self._handles.clear()
 
 
@@ -223,6 +290,8 @@ def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
                                   f"its config.json describes needs {tuple(target.shape)} "
                                   f"({'transposed ' if pair.transpose else ''}for {pair.ours})")
         target.copy_(value)
+        del source, value
+        folder.release(pair.hf)
     used = {pair.hf for pair in pairs}
     # A tied head may be saved besides the embedding, and older Llama checkpoints hold RoPE's
     # inv_freq (derived from the config); anything else left over is a weight the conversion
