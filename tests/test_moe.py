@@ -415,6 +415,13 @@ def _sync_free_grouped_mm(x_MK, w_EKN, offsets_E, all_rows=False):
     dict(num_experts=4, top_k=2),
     dict(num_experts=4, top_k=1, capacity_factor=1.0, num_shared_experts=1),
     dict(num_experts=4, routing="expert_choice", capacity_factor=2.0),
+    # The router options (DeepSeek-V3, Qwen2-MoE; per-sequence capacity, drops by
+    # probability, the global-batch balance count).
+    dict(num_experts=8, top_k=2, score="sigmoid", normalize_topk=True, route_scale=2.5,
+         expert_groups=4, groups_per_token=2, bias_update_rate=1e-3, num_shared_experts=1,
+         shared_gate="sigmoid", balance_scope="sequence"),
+    dict(num_experts=4, top_k=2, capacity_factor=1.0, capacity_scope="sequence",
+         drop_policy="probability", balance_scope="global_batch"),
 ])
 def test_the_moe_hot_path_compiles_without_graph_breaks(options, monkeypatch):
     # On the CPU the reference grouped GEMM reads the offsets on the host (a graph break by

@@ -10,7 +10,6 @@ import pytest
 import torch
 from helpers import tiny_model_cfg
 from ranks import run_ranks
-from test_moe import _sync_free_grouped_mm
 
 from condcomp.conditional import routing
 from condcomp.conditional.moe import MoE, MoEOptions, _build
@@ -36,6 +35,18 @@ def _copy_mlp(hf_mlp, mlp) -> None:
     hf_mlp.gate_proj.weight.copy_(mlp.w1.t())
     hf_mlp.up_proj.weight.copy_(mlp.w3.t())
     hf_mlp.down_proj.weight.copy_(mlp.w2.t())
+
+
+def _assert_same_output_and_input_grad(moe, hf, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The two layers' outputs, and the gradients of a random probe of them with respect to the
+    input, are equal; returns the input."""
+    g = torch.Generator().manual_seed(1)
+    x, probe = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    y, x_grad = _backward(moe, x, probe)
+    y_hf, x_grad_hf = _backward(hf, x, probe)
+    torch.testing.assert_close(y, y_hf, **TOL)
+    torch.testing.assert_close(x_grad, x_grad_hf, **TOL)
+    return x
 
 
 def _backward(module, x_BTD: torch.Tensor, probe_BTD: torch.Tensor):
@@ -79,12 +90,7 @@ def _deepseek_pair(groups: int, groups_per_token: int, normalize: bool):
 def test_deepseek_v3_moe_block_forward_and_backward(groups, groups_per_token, normalize, train):
     moe, hf = _deepseek_pair(groups, groups_per_token, normalize)
     moe.train(train), hf.train(train)
-    g = torch.Generator().manual_seed(1)
-    x, probe = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
-    y, x_grad = _backward(moe, x, probe)
-    y_hf, x_grad_hf = _backward(hf, x, probe)
-    torch.testing.assert_close(y, y_hf, **TOL)
-    torch.testing.assert_close(x_grad, x_grad_hf, **TOL)
+    _assert_same_output_and_input_grad(moe, hf, (2, 7, 16))
     torch.testing.assert_close(moe.router.weight.grad, hf.gate.weight.grad, **TOL)
     torch.testing.assert_close(moe.experts.w2.grad.transpose(1, 2), hf.experts.down_proj.grad,
                                **TOL)
@@ -144,12 +150,7 @@ def test_qwen2_moe_sparse_block_with_its_gated_shared_expert(normalize):
         _copy_experts(hf.experts, moe)
         _copy_mlp(hf.shared_expert, moe.shared_experts)
         hf.shared_expert_gate.weight.copy_(moe.shared_gate.weight)
-    g = torch.Generator().manual_seed(1)
-    x, probe = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
-    y, x_grad = _backward(moe, x, probe)
-    y_hf, x_grad_hf = _backward(hf, x, probe)
-    torch.testing.assert_close(y, y_hf, **TOL)
-    torch.testing.assert_close(x_grad, x_grad_hf, **TOL)
+    x = _assert_same_output_and_input_grad(moe, hf, (2, 5, 16))
     torch.testing.assert_close(moe.shared_gate.weight.grad, hf.shared_expert_gate.weight.grad,
                                **TOL)
     torch.testing.assert_close(moe.router.weight.grad, hf.gate.weight.grad, **TOL)
@@ -412,24 +413,6 @@ def test_defaults_change_nothing():
     x = torch.randn(2, 8, 16)
     assert torch.equal(plain(x), same(x)) and torch.equal(plain.aux_loss, same.aux_loss)
     assert "shared_gate.weight" not in plain.state_dict()
-
-
-@pytest.mark.parametrize("options", [
-    dict(num_experts=8, top_k=2, score="sigmoid", normalize_topk=True, route_scale=2.5,
-         expert_groups=4, groups_per_token=2, bias_update_rate=1e-3, num_shared_experts=1,
-         shared_gate="sigmoid", balance_scope="sequence"),
-    dict(num_experts=4, top_k=2, capacity_factor=1.0, capacity_scope="sequence",
-         drop_policy="probability", balance_scope="global_batch"),
-])
-def test_the_router_options_compile_without_graph_breaks(options, monkeypatch):
-    import condcomp.conditional.experts as experts
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(experts, "grouped_mm", _sync_free_grouped_mm)
-    model = TransformerLM(tiny_model_cfg(ffn=dict(kind="moe", options=options))).train()
-    x = torch.randint(0, 97, (2, 16))
-    explanation = torch._dynamo.explain(model)(x, x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_a_loaded_selection_bias_routes_without_updates():
