@@ -96,6 +96,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
+        give_default_mode(tmp / MODEL_FILE)
         save_state_file(state, tmp / STATE_FILE)
         for name in (MODEL_FILE, STATE_FILE):
             _fsync(tmp / name)
@@ -124,6 +125,16 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
+
+
+def give_default_mode(path: Path) -> None:
+    """The permissions a file made with ``open`` gets (``0o666`` less the umask). safetensors
+    creates its files readable by their owner only, where the run's other files (``state.pt``,
+    the manifest) are readable as the umask says: others sharing a run folder on a cluster could
+    read everything but its weights."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def save_state_file(state: dict[str, Any], path: Path) -> None:

@@ -55,6 +55,7 @@ def _save_model_atomically(model: torch.nn.Module, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_model(model, str(tmp))
+        ckpt_lib.give_default_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

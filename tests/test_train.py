@@ -185,3 +185,12 @@ def test_generate_refuses_a_prompt_longer_than_the_context(straight_run, capsys)
     assert main(["generate", str(straight.run_dir), "--prompt", "x" * 100]) == 2
     err = capsys.readouterr().err
     assert "context is 64 tokens" in err and "Traceback" not in err
+
+
+def test_a_checkpoints_weights_are_as_readable_as_its_other_files(straight_run):
+    """safetensors makes its files owner-only; the run's weights follow the umask as its other
+    files do, so the people a run folder is shared with can load it."""
+    result, _ = straight_run
+    ckpt = list_checkpoints(result.run_dir)[-1]
+    mode = (ckpt.path / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (ckpt.path / "state.pt").stat().st_mode & 0o777

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from condcomp.checkpoint import Checkpoint, save_checkpoint
+from condcomp.checkpoint import Checkpoint, give_default_mode, save_checkpoint
 from condcomp.config import DataConfig, RunConfig, TrainConfig, apply_override, from_dict
 from condcomp.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 from condcomp.errors import CondcompError, ConfigError, DataError, storage_error
@@ -208,6 +208,7 @@ def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str | Path | 
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_default_mode(tmp / "model.safetensors")
         config = hf_config_dict(run.cfg.model, arch, run.tokenizer.eos_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if run.tokenizer.kind == "bpe":
