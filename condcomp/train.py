@@ -521,10 +521,12 @@ class Trainer:
         """Other processes' share of the CPUs since the last row, less this job's other ranks
         on the machine (their work is part of the step, not load on it)."""
         measured = load.lap()
+        if not self.ctx.distributed:
+            return measured
         own_s = own_cpu_s()
         siblings_s = self.ctx.other_ranks_cpu_s(own_s - self._own_cpu_at_lap)
         self._own_cpu_at_lap = own_s
-        return measured.excluding(siblings_s) if self.ctx.distributed else measured
+        return measured.excluding(siblings_s)
 
     def _train_row(self, step: int, outcome: _StepOutcome, load: LoadMeter) -> dict[str, Any]:
         row: dict[str, Any] = {

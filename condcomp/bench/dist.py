@@ -381,8 +381,7 @@ def bench(cfg: RunConfig, ctx: DistContext, args: argparse.Namespace) -> int:
         result = build_result(cfg, trainers, rows, args)
         report(result, format_table(result), args.json, load.excluding(others_s))
 
-    # On rank 0, the others waiting for it: a rank that leaves first and fails on its way out
-    # (torch 2.13's gloo aborts now and then at exit after a device mesh) would make torchrun
-    # stop rank 0 before it has written; and a user error there stops every rank.
+    # On rank 0, the others waiting for it, so that a user error there (an unwritable JSON
+    # path) stops every rank with one line.
     ctx.on_main(write_report)
     return 0
