@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -81,12 +81,31 @@ def tmp_folder(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest ``keep_last``.
+class WeightsWriter(Protocol):
+    """Writes a checkpoint's weights file some other way than from a model in memory (an
+    import converts them from another file as it writes)."""
+
+    def write(self, path: Path) -> dict[str, Any]:
+        """Write the file, fsynced, and return :func:`describe_file`'s entry for it."""
+        ...
+
+
+def _write_weights(weights: nn.Module | WeightsWriter, path: Path) -> dict[str, Any]:
+    if not isinstance(weights, nn.Module):
+        return weights.write(path)
+    save_model(weights, str(path))
+    give_default_mode(path)
+    _fsync(path)
+    return describe_file(path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module | WeightsWriter,
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Write a checkpoint atomically, then delete all but the newest ``keep_last``. The
+    weights are ``model``'s, or what a :class:`WeightsWriter` writes.
 
     A write that fails (a full disk, say) leaves the earlier checkpoints as they were and raises
-    a :class:`StorageError` naming the latest good one."""
+    a :class:`StorageError` naming the latest good one; any other failure leaves them too."""
     root = checkpoint_dir(run_dir)
     final = step_folder(run_dir, step)
     tmp = tmp_folder(final)
@@ -95,14 +114,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
-        give_default_mode(tmp / MODEL_FILE)
+        files = {MODEL_FILE: _write_weights(model, tmp / MODEL_FILE)}
         save_state_file(state, tmp / STATE_FILE)
-        for name in (MODEL_FILE, STATE_FILE):
-            _fsync(tmp / name)
-        manifest = {"format": FORMAT_VERSION, "step": step,
-                    "files": {name: describe_file(tmp / name)
-                              for name in (MODEL_FILE, STATE_FILE)}}
+        _fsync(tmp / STATE_FILE)
+        files[STATE_FILE] = describe_file(tmp / STATE_FILE)
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
         write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
         move_into_place(tmp, final)
         fsync_dir(root)
@@ -110,6 +126,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise storage_error(exc, f"cannot write checkpoint {final}",
                             latest_good_hint(run_dir)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     prune_checkpoints(run_dir, keep_last)
     return final
 

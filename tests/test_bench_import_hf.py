@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 from condcomp.cli import main
 from condcomp.errors import CheckpointError
 from condcomp.hf.folders import import_hf
 from condcomp.hf.weights import SafetensorsFolder
-from condcomp.runs import read_config
+from condcomp.runs import load_run, read_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,6 +90,11 @@ def test_imported_weights_are_the_folders_bit_for_bit(arch, layout, tmp_path):
             assert torch.equal(w2[e], hf[f"{expert}{down}.weight"].t())
         assert torch.equal(ours[b + "ffn.router.weight"], hf[f"model.layers.{i}.{ffn}.gate.weight"])
     assert ours["tok_emb.weight"].shape[1] == D
+    # The file the import streams is the one save_model writes for the model it describes.
+    model = load_run(tmp_path / "run").model
+    save_model(model, str(tmp_path / "saved.safetensors"))
+    assert (ckpt / "model.safetensors").read_bytes() == \
+        (tmp_path / "saved.safetensors").read_bytes()
 
 
 def test_a_tensor_read_again_after_its_pages_are_released_is_unchanged(tmp_path):

@@ -15,9 +15,9 @@ modules); after the load, the peak (``VmHWM``) less that baseline is the load's 
 The resident set counts the file pages a memory-mapped read touches, so reading a
 checkpoint through one whole-file mapping would count it twice. Our side is the whole
 ``import_hf``: it writes the run folder (config, tokenizer, the step-0 checkpoint) too; HF's is
-``AutoModelForCausalLM.from_pretrained(folder)``, which only loads. The times are medians;
-the time our side spends writing the checkpoint (``save_checkpoint``: the file, its SHA-256,
-fsync) is reported too, and the ratio without it.
+``AutoModelForCausalLM.from_pretrained(folder)``, which only loads. The times are medians.
+(The import converts the weights as it writes the checkpoint's file, so no part of it is a
+"load" that could be timed apart from the write.)
 
 **Decode** (``--what decode``). The folder is imported into a run, and
 the runners of ``condcomp bench`` time :func:`condcomp.generate.generate` of the run's
@@ -133,19 +133,8 @@ _CHILD = """
 import json, sys, time
 side, hf_dir, run_dir = sys.argv[1:4]
 import torch
-write = []
 if side == "condcomp":
-    import condcomp.hf.folders as folders
     from condcomp.hf.folders import import_hf
-    save = folders.save_checkpoint
-
-    def timed_save(*args, **kwargs):  # the part of the import that writes the checkpoint
-        t = time.perf_counter()
-        out = save(*args, **kwargs)
-        write.append(time.perf_counter() - t)
-        return out
-
-    folders.save_checkpoint = timed_save
 else:
     from transformers import AutoModelForCausalLM
 from condcomp.bench.import_hf import peak_rss_reset, rss_bytes
@@ -158,7 +147,7 @@ else:
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "baseline_rss": base, "peak_rss": rss_bytes("VmHWM"),
-                  "reset": peak_rss_reset.worked, "write_seconds": sum(write)}))
+                  "reset": peak_rss_reset.worked}))
 """
 
 
@@ -207,9 +196,7 @@ def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any, pause: floa
             time.sleep(pause)
             r = load_once(side, hf_dir, run_dir)
             runs[side].append(r)
-            write = f" (writing the checkpoint {r['write_seconds']:.2f} s)" if side == "condcomp" \
-                else ""
-            log(f"  {side}: {r['seconds']:.2f} s{write}, peak {r['peak_bytes'] / 1e6:,.0f} MB "
+            log(f"  {side}: {r['seconds']:.2f} s, peak {r['peak_bytes'] / 1e6:,.0f} MB "
                 f"over {r['baseline_rss'] / 1e6:,.0f} MB")
             if side == "condcomp":
                 import shutil
@@ -221,14 +208,9 @@ def measure_import(hf_dir: Path, repeats: int, work: Path, log: Any, pause: floa
             "seconds": statistics.median(r["seconds"] for r in rs),
             "peak_bytes": statistics.median(r["peak_bytes"] for r in rs),
             "peak_over_checkpoint": statistics.median(r["peak_bytes"] for r in rs) / size,
-            "write_seconds": statistics.median(r["write_seconds"] for r in rs),
             "runs": rs}
     c, h = out["sides"]["condcomp"], out["sides"]["hf"]
     out["time_ratio"] = c["seconds"] / h["seconds"]
-    # Without writing the run folder: the reading and converting that from_pretrained does too.
-    out["read_time_ratio"] = statistics.median(
-        (a["seconds"] - a["write_seconds"]) / b["seconds"]
-        for a, b in zip(runs["condcomp"], runs["hf"]))
     out["goals"] = {"time_at_most_1.5x_from_pretrained": out["time_ratio"] <= 1.5,
                     "peak_at_most_1.3x_checkpoint": c["peak_over_checkpoint"] <= 1.3}
     return out
@@ -357,7 +339,6 @@ def format_table(result: dict[str, Any]) -> str:
                 for side, label in (("condcomp", "condcomp import-hf"),
                                     ("hf", "HF from_pretrained"))]
         rows.append(["condcomp / HF", f"{imp['time_ratio']:.2f}x", "", ""])
-        rows.append(["  without the write", f"{imp['read_time_ratio']:.2f}x", "", ""])
         lines += [markdown_table(["load", "time (median)", "peak memory", "peak / checkpoint"],
                                  rows), ""]
     if "decode" in result:

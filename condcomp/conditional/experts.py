@@ -8,8 +8,10 @@ Three ways to run them, one per shape of work:
 
 - :meth:`GroupedExperts.forward_sorted`: tokens sorted by expert, one grouped GEMM per
   projection (token choice in training and prefill);
-- :meth:`GroupedExperts.forward_gathered`: each routed slot gathers its expert's weights and
-  runs a batched product (decode: a few tokens, so moving k experts' weights beats sorting);
+- :meth:`GroupedExperts.forward_gathered`: each routed slot reads its expert's weights
+  directly (decode: a few tokens, so reading k experts' weights beats sorting): on the CPU as
+  ``embedding_bag`` sums over the expert's rows, on CUDA as a gathered copy and a batched
+  product;
 - :meth:`GroupedExperts.forward_batched`: every expert has the same number of tokens
   ``[E, C, D]`` (expert choice), a plain batched matmul.
 
@@ -137,14 +139,36 @@ class GroupedExperts(nn.Module):
         return combine_rows(out_ND, weights_TK, order_N, inverse_N)
 
     def forward_gathered(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
-        """Row n through expert ``expert_ids_N[n]``, by gathering that expert's weights."""
+        """Row n through expert ``expert_ids_N[n]`` (decode: a few rows, no gradient needed
+        beyond what autograd gives the ops below)."""
         if self.ep_group is not None:
             raise RuntimeError("the gathered path needs every expert on this rank; under "
                                "expert parallelism use forward_dispatched")
+        if x_ND.device.type == "cpu":
+            return self._forward_bags(x_ND, expert_ids_N)
         x_N1D = x_ND.unsqueeze(1)
         gate = torch.bmm(x_N1D, self.w1[expert_ids_N].to(x_ND.dtype))
         up = torch.bmm(x_N1D, self.w3[expert_ids_N].to(x_ND.dtype)) if self.w3 is not None else None
         return torch.bmm(self._hidden(gate, up), self.w2[expert_ids_N].to(x_ND.dtype)).squeeze(1)
+
+    def _forward_bags(self, x_ND: torch.Tensor, expert_ids_N: torch.Tensor) -> torch.Tensor:
+        """Each product as an ``embedding_bag`` over the expert's rows of the stacked weight:
+        ``x @ w1[e] = sum_d x[d] * w1[e, d, :]``, the D rows of ``w1.view(E * D, H)`` from
+        ``e * D`` weighted by ``x``. The weights are read once, in place; gathering
+        ``w1[ids]`` first copies the k experts' matrices (read, written, read again), which at
+        batch-1 decode is most of a step's memory traffic on a CPU. Computed in the weights'
+        dtype (``embedding_bag`` weights and table share one)."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        E, D, H = w1.shape
+        xw_ND = x_ND.to(w1.dtype)
+        rows_ND = expert_ids_N.unsqueeze(1) * D + torch.arange(D, device=x_ND.device)
+        gate = F.embedding_bag(rows_ND, w1.view(E * D, H), per_sample_weights=xw_ND, mode="sum")
+        up = (F.embedding_bag(rows_ND, w3.view(E * D, H), per_sample_weights=xw_ND, mode="sum")
+              if w3 is not None else None)
+        h_NH = self._hidden(gate, up)
+        rows_NH = expert_ids_N.unsqueeze(1) * H + torch.arange(H, device=x_ND.device)
+        y_ND = F.embedding_bag(rows_NH, w2.view(E * H, D), per_sample_weights=h_NH, mode="sum")
+        return y_ND.to(x_ND.dtype)
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Expert e on its own ``C`` tokens, ``x_ECD[e]`` (E: every expert, wherever it is)."""

@@ -44,10 +44,10 @@ from condcomp.hf.architectures import (
     model_config_from_hf_dict,
 )
 from condcomp.hf.weights import (
+    ConvertedWeights,
     SafetensorsFolder,
     fused_expert_pairs,
     hf_tensors,
-    read_into,
     weight_pairs,
 )
 from condcomp.model import TransformerLM
@@ -163,26 +163,28 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, tokenizer: str = "auto",
         raise CondcompError(f"{run_dir} exists and is not empty; import into a new folder")
     folder = SafetensorsFolder(hf_dir)
     try:
+        # The model gives the names, shapes and buffers of the checkpoint; its parameters are
+        # never filled: the weights go from the HF files straight into the checkpoint's file.
         with _without_random_init():
             model = TransformerLM(model_cfg)
-        state = model.state_dict()  # the model's own tensors: filled in place
+        state = model.state_dict()
         pairs = weight_pairs(arch, model_cfg, _num_experts(model_cfg))
         if arch.moe:
             pairs = fused_expert_pairs(pairs, model_cfg, _d_expert(model_cfg), folder)
         _check_filled(state, model, pairs)
-        read_into(folder, pairs, state)
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if name.endswith("selection_bias"):  # HF routers have no selection bias
+                    tensor.zero_()
+        weights = ConvertedWeights(folder, pairs, state)  # checks every tensor's shape first
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+        write_atomically(run_dir / MODEL_TOML, model_toml(cfg, hf_dir))
+        tok.save(run_dir / TOKENIZER_DIR)
+        state_file = {"step": 0, "imported_from": str(hf_dir), "hf_model_type": arch.model_type}
+        ckpt = save_checkpoint(run_dir, 0, weights, state_file, keep_last=1)
     finally:
         folder.close()
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if name.endswith("selection_bias"):  # HF routers have no selection bias
-                tensor.zero_()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    write_atomically(run_dir / MODEL_TOML, model_toml(cfg, hf_dir))
-    tok.save(run_dir / TOKENIZER_DIR)
-    state_file = {"step": 0, "imported_from": str(hf_dir), "hf_model_type": arch.model_type}
-    ckpt = save_checkpoint(run_dir, 0, model, state_file, keep_last=1)
     return arch, ckpt
 
 

@@ -46,6 +46,7 @@ import torch
 from condcomp.config import ModelConfig
 from condcomp.errors import CheckpointError
 from condcomp.hf.architectures import Architecture, moe_layers_of
+from condcomp.safetensors_stream import SAFETENSORS_DTYPES, StreamedSafetensors, state_specs
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
@@ -155,9 +156,6 @@ def ours_of(pair: WeightPair, state: dict[str, torch.Tensor]) -> torch.Tensor:
     return tensor if pair.expert is None else tensor[pair.expert]
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 # Bytes on each side of a tensor that reading it may have mapped too: a page fault maps its
 # neighbours (Linux's fault-around: 64 KiB); 1 MiB leaves a margin.
 _AROUND = 1 << 20
@@ -191,7 +189,7 @@ class _MappedFile:
     def _span(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
         try:
             entry = self.entries[name]
-            dtype, shape = _DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
             begin, end = (self.start + int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot read {name!r} of {self.path}: bad header entry "
@@ -276,22 +274,25 @@ class SafetensorsFolder:
         self._handles.clear()
 
 
-@torch.no_grad()
-def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
-              state: dict[str, torch.Tensor]) -> None:
-    """Copy every pair's HF tensor into condcomp's ``state`` (the model's own tensors), each
-    expert's matrix straight into its row of the stacked tensor."""
+def _converted(folder: SafetensorsFolder, pair: WeightPair, target: torch.Tensor
+               ) -> torch.Tensor:
+    """``pair``'s HF tensor as condcomp's ``target`` holds it: a view of the file's mapping
+    (transposed where the pair says), not read until used."""
+    source = folder.get(pair.hf, pair.rows)
+    value = source.transpose(-1, -2) if pair.transpose else source
+    if value.shape != target.shape:
+        raise CheckpointError(f"{pair.hf} has shape {tuple(source.shape)}, but the model "
+                              f"its config.json describes needs {tuple(target.shape)} "
+                              f"({'transposed ' if pair.transpose else ''}for {pair.ours})")
+    return value
+
+
+def check_convertible(folder: SafetensorsFolder, pairs: list[WeightPair],
+                      state: dict[str, torch.Tensor]) -> None:
+    """Every pair's HF tensor exists with the shape condcomp needs, and the folder holds no
+    tensor the conversion would drop. Reads only the files' headers."""
     for pair in pairs:
-        source = folder.get(pair.hf, pair.rows)
-        target = ours_of(pair, state)
-        value = source.transpose(-1, -2) if pair.transpose else source
-        if value.shape != target.shape:
-            raise CheckpointError(f"{pair.hf} has shape {tuple(source.shape)}, but the model "
-                                  f"its config.json describes needs {tuple(target.shape)} "
-                                  f"({'transposed ' if pair.transpose else ''}for {pair.ours})")
-        target.copy_(value)
-        del source, value
-        folder.release(pair.hf)
+        _converted(folder, pair, ours_of(pair, state))
     used = {pair.hf for pair in pairs}
     # A tied head may be saved besides the embedding, and older Llama checkpoints hold RoPE's
     # inv_freq (derived from the config); anything else left over is a weight the conversion
@@ -301,6 +302,40 @@ def read_into(folder: SafetensorsFolder, pairs: list[WeightPair],
     if left:
         raise CheckpointError(f"{folder.folder} holds tensors condcomp has no place for: "
                               f"{left[:3]}{' ...' if len(left) > 3 else ''}")
+
+
+class ConvertedWeights:
+    """The weights file of an imported checkpoint, converted from the HF folder as it is
+    written (a ``WeightsWriter`` for :func:`condcomp.checkpoint.save_checkpoint`): each HF
+    tensor is copied (transposed, into its expert's row) from the file's mapping straight into
+    the writer's staging buffer, and its pages are given back; the model's parameters are
+    never filled. The file holds what ``save_model`` would write for a model holding these
+    weights and ``state``'s other tensors (its buffers)."""
+
+    def __init__(self, folder: SafetensorsFolder, pairs: list[WeightPair],
+                 state: dict[str, torch.Tensor]) -> None:
+        check_convertible(folder, pairs, state)
+        self.folder, self.state = folder, state
+        self.pairs_of: dict[str, list[WeightPair]] = {}
+        for pair in sorted(pairs, key=lambda p: -1 if p.expert is None else p.expert):
+            self.pairs_of.setdefault(pair.ours, []).append(pair)
+
+    @torch.no_grad()
+    def write(self, path: Path) -> dict[str, object]:
+        specs, metadata = state_specs(self.state)
+        pairs_of = dict(self.pairs_of)
+        for alias, kept in metadata.items():  # a tied head is written under one of its names
+            if alias in pairs_of:
+                pairs_of[kept] = pairs_of[alias]
+        with StreamedSafetensors(path, specs, metadata) as out:
+            for spec in out.specs:
+                if spec.name not in pairs_of:  # a buffer: the model's own value
+                    out.append(self.state[spec.name])
+                    continue
+                for pair in pairs_of[spec.name]:
+                    out.append(_converted(self.folder, pair, ours_of(pair, self.state)))
+                    self.folder.release(pair.hf)
+            return out.close()
 
 
 def hf_tensors(pairs: list[WeightPair], state: dict[str, torch.Tensor]
