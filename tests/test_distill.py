@@ -13,12 +13,12 @@ from ranks import run_ranks
 
 from condcomp.checkpoint import resolve_checkpoint
 from condcomp.cli import main
-from condcomp.config import DistillConfig, load_config
+from condcomp.config import DistillConfig, RunConfig, load_config
 from condcomp.data import ByteTokenizer
 from condcomp.distributed.context import SINGLE
 from condcomp.errors import CondcompError, ConfigError
 from condcomp.model import TransformerLM
-from condcomp.runs import load_run, read_metrics
+from condcomp.runs import load_run, read_metrics, save_config
 from condcomp.surgery.distill import (
     Distiller,
     check_teacher,
@@ -88,24 +88,57 @@ def test_loss_is_alpha_ce_plus_t_squared_kl():
     assert kl.item() > 0.1  # different models: the check above is not 0 == 0
 
 
-def test_chunked_teacher_equals_the_whole_micro_batch():
-    teacher = TransformerLM(tiny_model_cfg(ffn=SWITCH_FFN))
-    student = TransformerLM(tiny_model_cfg())
-    tokens_BT = torch.randint(0, 97, (5, 16))
-    targets_BT = torch.randint(0, 97, (5, 16))
+# Teachers of every seam's families, and a dense teacher of a sparse student.
+PAIRS = {
+    "switch teacher": (dict(ffn=SWITCH_FFN), {}),
+    "mod teacher": (dict(wrapper=dict(kind="mod", layers="odd", options={"capacity": 0.5})), {}),
+    "altup teacher": (dict(residual=dict(kind="altup", options={"k": 2})), {}),
+    "mot teacher": (dict(ffn=dict(kind="mot", layers="odd",
+                                  options={"num_experts": 4, "group_size": 2})), {}),
+    "switch student": ({}, dict(ffn=SWITCH_FFN)),
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_chunked_kl_equals_plain_autograd_over_the_whole_micro_batch(pair):
+    teacher_seams, student_seams = PAIRS[pair]
+    teacher = TransformerLM(tiny_model_cfg(**teacher_seams))
+    student = TransformerLM(tiny_model_cfg(**student_seams))
+    tokens_BT = torch.randint(0, 97, (6, 16))
+    targets_BT = torch.randint(0, 97, (6, 16))
     targets_BT[3, 4:] = -100
     results = []
-    for chunk in (0, 1, 2):
-        student.zero_grad()
-        out = student(tokens_BT, targets_BT)
-        options = DistillConfig(teacher="t", alpha=0.5, temperature=2.0, teacher_chunk=chunk)
-        loss = Distiller(teacher, options).loss(tokens_BT, targets_BT, out.logits, out.loss)
-        loss.objective.backward()
-        results.append((loss.kl, student.lm_head.weight.grad.clone()))
+    # Chunks of whole MoT groups (2 sequences); 4 leaves a last chunk of 2.
+    for chunk in ["reference", *((0, 2, 4) if pair == "mot teacher" else (0, 1, 4))]:
+        options = DistillConfig(teacher="t", temperature=2.0,
+                                teacher_chunk=0 if chunk == "reference" else chunk)
+        distiller = Distiller(teacher, options)
+        logits_BTV = student(tokens_BT).logits.detach().requires_grad_()
+        kl = (distiller.kl_reference if chunk == "reference" else distiller.kl)(
+            tokens_BT, targets_BT, logits_BTV)
+        (3.0 * kl).backward()
+        results.append((kl.detach(), logits_BTV.grad))
     (kl, grad), *chunked = results
+    assert torch.isfinite(kl) and kl > 0
+    assert (grad[3, 4:] == 0).all() and (grad[3, :4] != 0).any()  # no gradient from ignored
     for chunk_kl, chunk_grad in chunked:
         torch.testing.assert_close(chunk_kl, kl, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(chunk_grad, grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(chunk_grad, grad, rtol=1e-5, atol=1e-9)
+
+
+def test_chunks_that_split_a_mot_teachers_groups_are_refused(tmp_path):
+    teacher_cfg = RunConfig(model=tiny_model_cfg(**PAIRS["mot teacher"][0]))
+    teacher_cfg.train.seq_len = 32
+    save_config(teacher_cfg, tmp_path)
+    ByteTokenizer().save(tmp_path / "tokenizer")
+    student_cfg = load_config("dense_tiny", ["model.vocab_size=97", "train.seq_len=32",
+                                             f"distill.teacher='{tmp_path}'"])
+    student_cfg.distill.teacher_chunk = 4
+    check_teacher(student_cfg, ByteTokenizer())
+    student_cfg.distill.teacher_chunk = 3
+    with pytest.raises(ConfigError, match="teacher_chunk = 3 splits the teacher's groups of "
+                                          "model.ffn.group_size = 2"):
+        check_teacher(student_cfg, ByteTokenizer())
 
 
 def test_shared_start_copies_a_switch_teachers_non_expert_weights():

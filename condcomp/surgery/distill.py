@@ -28,6 +28,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,24 +82,24 @@ class Distiller:
     def kl(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, logits_BTV: torch.Tensor
            ) -> torch.Tensor:
         """``KL(p_teacher^T || p_student^T)`` summed over the vocabulary, averaged over the
-        tokens whose target is not ignored; the teacher runs on ``teacher_chunk`` sequences at
-        a time. The chunks' sums are added and divided once by the whole count, so the result
-        is the whole micro-batch's mean whatever the chunking."""
+        tokens whose target is not ignored, with its gradient to ``logits_BTV``; the teacher
+        runs on ``teacher_chunk`` sequences at a time (:class:`_ChunkedKL`)."""
+        return _ChunkedKL.apply(logits_BTV, tokens_BT, targets_BT != IGNORE, self.teacher,
+                                self.options.temperature, self.options.teacher_chunk)
+
+    def kl_reference(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor,
+                     logits_BTV: torch.Tensor) -> torch.Tensor:
+        """:meth:`kl` by plain autograd over the whole micro-batch, which keeps the teacher's
+        and the student's log-probabilities of every token for the backward: the reference
+        the chunked computation is held equal to, forward and backward."""
         T = self.options.temperature
-        B = tokens_BT.shape[0]
-        chunk = self.options.teacher_chunk or B
+        with torch.no_grad():
+            teacher_logp_BTV = F.log_softmax(self.teacher(tokens_BT).logits.float() / T, dim=-1)
+        student_logp_BTV = F.log_softmax(logits_BTV.float() / T, dim=-1)
+        kl_BT = F.kl_div(student_logp_BTV, teacher_logp_BTV, reduction="none",
+                         log_target=True).sum(dim=-1)
         counted_BT = targets_BT != IGNORE
-        total = logits_BTV.new_zeros((), dtype=torch.float32)
-        for lo in range(0, B, chunk):
-            hi = min(lo + chunk, B)
-            with torch.no_grad():
-                teacher_logits_bTV = self.teacher(tokens_BT[lo:hi]).logits
-                teacher_logp_bTV = F.log_softmax(teacher_logits_bTV.float() / T, dim=-1)
-            student_logp_bTV = F.log_softmax(logits_BTV[lo:hi].float() / T, dim=-1)
-            kl_bT = F.kl_div(student_logp_bTV, teacher_logp_bTV, reduction="none",
-                             log_target=True).sum(dim=-1)
-            total = total + torch.where(counted_BT[lo:hi], kl_bT, 0.0).sum()
-        return total / counted_BT.sum()
+        return torch.where(counted_BT, kl_BT, 0.0).sum() / counted_BT.sum()
 
     def init_student(self, student: nn.Module, log: Callable[[str], None]) -> SharedWeights:
         """The student's tensors that the teacher has, by name and shape, set to the
@@ -110,6 +111,47 @@ class Distiller:
             log(f"distill.init_from_teacher = 'shared': {len(names)} tensor(s) {what}"
                 + (f": {', '.join(names)}" if names else ""))
         return shared
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """The mean KL over the counted tokens, computed ``chunk`` sequences at a time (0: all).
+
+    Autograd would keep the teacher's and the student's log-probabilities of the whole
+    micro-batch for the backward. This keeps only the KL's gradient to the student's logits,
+    ``(softmax(s / T) - p_teacher^T) / T`` per counted token (the derivative of Hinton et al.
+    2015's soft term, before its T^2), in the logits' dtype, written chunk by chunk: at most
+    one chunk's teacher activations, logits and probabilities exist at a time. The chunks'
+    sums are divided once by the whole count, so the result is the micro-batch's mean
+    whatever the chunking. Forward runs without gradients (an autograd Function's does), in
+    the caller's autocast.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits_BTV: torch.Tensor, tokens_BT: torch.Tensor,
+                counted_BT: torch.Tensor, teacher: TransformerLM, T: float, chunk: int
+                ) -> torch.Tensor:
+        B = tokens_BT.shape[0]
+        chunk = chunk or B
+        grad_BTV = torch.empty_like(logits_BTV)
+        total = logits_BTV.new_zeros((), dtype=torch.float32)
+        for lo in range(0, B, chunk):
+            hi = min(lo + chunk, B)
+            teacher_logp_bTV = F.log_softmax(teacher(tokens_BT[lo:hi]).logits.float() / T, dim=-1)
+            student_logp_bTV = F.log_softmax(logits_BTV[lo:hi].float() / T, dim=-1)
+            kl_bT = F.kl_div(student_logp_bTV, teacher_logp_bTV, reduction="none",
+                             log_target=True).sum(dim=-1)
+            counted_bT = counted_BT[lo:hi]
+            total += torch.where(counted_bT, kl_bT, 0.0).sum()
+            grad_bTV = (student_logp_bTV.exp_() - teacher_logp_bTV.exp_()) / T
+            grad_BTV[lo:hi] = torch.where(counted_bT[..., None], grad_bTV, 0.0)
+        count = counted_BT.sum()
+        ctx.save_for_backward(grad_BTV, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_BTV, count = ctx.saved_tensors
+        return grad_BTV * (grad_kl / count).to(grad_BTV.dtype), None, None, None, None, None
 
 
 def copy_shared_weights(teacher: nn.Module, student: nn.Module) -> SharedWeights:
