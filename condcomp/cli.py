@@ -1,5 +1,5 @@
-"""``condcomp <command>``: train, eval, generate, export, import-hf, export-hf, compare, bench,
-plan, presets.
+"""``condcomp <command>``: train, distill, eval, generate, export, import-hf, export-hf, compare,
+bench, plan, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -32,6 +32,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run from its newest checkpoint, or from CHECKPOINT; "
+                   "'--resume auto' continues if the run has a checkpoint and starts it "
+                   "otherwise (for jobs torchrun restarts: torchrun --max-restarts)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY...]",
+                   help="with --resume: accept new values of these config keys (or sections, "
+                   "e.g. data), which change what the run trains; the change is recorded")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from condcomp.config import load_config
     from condcomp.train import train
@@ -47,6 +58,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {result.steps} steps in {result.run_dir}; val loss {e.loss:.4f}, "
               f"perplexity {e.perplexity:.2f}, bits/byte {e.bits_per_byte:.4f}")
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """``condcomp train`` with ``distill.teacher`` set to ``--teacher`` (which wins over a
+    ``--set distill.teacher``)."""
+    args.overrides = [*args.overrides, f"distill.teacher={json.dumps(args.teacher)}"]
+    return cmd_train(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -170,15 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a config")
-    _add_config_args(p)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue the run from its newest checkpoint, or from CHECKPOINT; "
-                   "'--resume auto' continues if the run has a checkpoint and starts it "
-                   "otherwise (for jobs torchrun restarts: torchrun --max-restarts)")
-    p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY...]",
-                   help="with --resume: accept new values of these config keys (or sections, "
-                   "e.g. data), which change what the run trains; the change is recorded")
+    _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student model from a config on the data and "
+                       "a trained teacher run's probabilities (the [distill] keys)")
+    p.add_argument("--teacher", required=True, metavar="RUN_DIR",
+                   help="the teacher: a run folder (its newest checkpoint) or one of its "
+                   "checkpoints; sets distill.teacher")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a run")
     p.add_argument("run_dir")

@@ -3,8 +3,9 @@
 A config is a TOML file or the name of a built-in preset (``switch``; see
 :mod:`condcomp.presets`).
 
-A run config has three sections, ``[model]``, ``[data]`` and ``[train]``, and a fourth,
-``[dist]``, read when ``torchrun`` launches it on several processes. The model names,
+A run config has three sections, ``[model]``, ``[data]`` and ``[train]``, a fourth,
+``[dist]``, read when ``torchrun`` launches it on several processes, and a fifth,
+``[distill]``, read when a teacher run is named (:mod:`condcomp.surgery.distill`). The model names,
 for each of the four seams of docs/design.md, the family that fills it and (for per-layer seams)
 on which layers::
 
@@ -213,6 +214,40 @@ class TrainConfig:
         check_device_name(self.device, "train.device")
 
 
+INIT_FROM_TEACHER = ("none", "shared")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained teacher run (``condcomp distill``;
+    :mod:`condcomp.surgery.distill`). The student minimises
+    ``alpha * CE(student, data) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)``."""
+
+    # A run folder (its newest checkpoint) or one checkpoint of it; "": no distillation.
+    teacher: str = ""
+    # The weight of the ground-truth cross-entropy; the teacher's KL gets 1 - alpha. Switch
+    # (Fedus et al. 2021, sec. 5) mixes 0.25 of the teacher's probabilities with 0.75 of the
+    # ground truth.
+    alpha: float = ranged(0.75, ge=0.0, le=1.0)
+    # Softens both distributions (Hinton et al. 2015); far above 20, both are near uniform.
+    temperature: float = ranged(1.0, gt=0.0, le=1e3)
+    # "none" | "shared": the student starts from every weight it shares with the teacher by
+    # name and shape (a sparse teacher's non-expert weights: Switch sec. 5, Table 6).
+    init_from_teacher: str = "none"
+    # Sequences per teacher forward (and KL), to bound its memory; 0: the whole micro-batch.
+    teacher_chunk: int = ranged(0, ge=0, le=MAX_SIZE)
+
+    def validate(self) -> None:
+        tables.check_fields(self, "distill")
+        if self.init_from_teacher not in INIT_FROM_TEACHER:
+            raise ConfigError(f"distill.init_from_teacher = {self.init_from_teacher!r} is "
+                              f"unknown; use one of {list(INIT_FROM_TEACHER)}")
+        if self.init_from_teacher != "none" and not self.teacher:
+            raise ConfigError(f"distill.init_from_teacher = {self.init_from_teacher!r} copies "
+                              "a teacher's weights, but distill.teacher is not set; name the "
+                              "teacher run, or set init_from_teacher = 'none'")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -221,6 +256,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)  # read under torchrun only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # read with a teacher only
 
     @property
     def run_dir(self) -> Path:
@@ -232,7 +268,12 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.dist.validate()
+        self.distill.validate()
         self._check_expert_parallel()
+        if self.distill.init_from_teacher != "none" and self.train.init_from:
+            raise ConfigError(f"train.init_from and distill.init_from_teacher = "
+                              f"{self.distill.init_from_teacher!r} both set the first weights; "
+                              "keep one of them")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len = {self.train.seq_len} exceeds model.max_seq_len = "

@@ -2,7 +2,8 @@
 
 One loop serves a single process and every rank of a ``torchrun`` job (:class:`Trainer`). It
 knows nothing of any family's internals: it adds the model's summed ``aux_loss`` to the LM
-loss and logs whatever statistics the layers report.
+loss and logs whatever statistics the layers report. With a teacher (``[distill]``), the LM
+loss is the distillation objective a :class:`~condcomp.surgery.distill.Distiller` computes.
 
 Resuming is exact. The batch of step ``s`` is a pure function of ``(seed, s)``, and a
 checkpoint carries the weights, the optimizer and scheduler states and the RNG states, so a run
@@ -19,7 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from condcomp.runs import (
     save_config,
 )
 from condcomp.runtime import autocast, autocast_dtype, flush_denormals, resolve_device
+from condcomp.surgery.distill import check_teacher, load_distiller
 from condcomp.training_state import load_training_state, load_weights
 
 AUTO = "auto"  # resume: continue if the run has a checkpoint, else start it
@@ -219,6 +221,8 @@ class Trainer:
         elif cfg.model.vocab_size < data.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's {data.tokenizer.vocab_size}; set it to 0 (automatic)")
+        if cfg.distill.teacher:
+            check_teacher(cfg, data.tokenizer)
         if not resume:
             save_config(cfg, run_dir)
             try:
@@ -267,6 +271,12 @@ class Trainer:
                 else ckpt_lib.resolve_checkpoint(source.parent.parent, source)
             load_weights(init, model, SINGLE, map_location=device)
             self.log(f"initialised the weights from {init.path}")
+        # The whole teacher on every rank, frozen and outside the model: in no optimizer and
+        # no checkpoint.
+        self.distiller = load_distiller(cfg, device)
+        if self.distiller is not None and cfg.distill.init_from_teacher == "shared" \
+                and ckpt is None:
+            self.distiller.init_student(model, self.log)
         # The whole weights, loaded before they are sharded or copied into master weights.
         self.state = None if ckpt is None else load_weights(ckpt, model, ctx, self.run_dir,
                                                             device)
@@ -336,20 +346,26 @@ class Trainer:
         return self.wrapped.no_sync()
 
     def _step(self, step: int) -> _StepOutcome:
-        losses = torch.zeros(2, device=self.device)  # LM loss, aux loss
+        # LM loss, aux loss; with a teacher, the distillation's CE and KL after them.
+        losses = torch.zeros(2 if self.distiller is None else 4, device=self.device)
         out = None
         for micro, (x, y) in enumerate(self._micro_batches(step)):
             with self._sync_gradients(micro == self.accum - 1):
                 with autocast(self.device, self.amp_dtype):
                     out = self.forward(x, y)
-                    loss = out.total_loss / self.accum
+                    lm_loss, logged = out.loss, [out.loss.detach(), out.aux_loss.detach()]
+                    if self.distiller is not None:  # in the student's autocast
+                        distilled = self.distiller.loss(x, y, out.logits, out.loss)
+                        lm_loss = distilled.objective
+                        logged = [lm_loss.detach(), logged[1], distilled.ce, distilled.kl]
+                    loss = (lm_loss + out.aux_loss) / self.accum
                 loss.backward()
-            losses += torch.stack([out.loss.detach(), out.aux_loss.detach()]) / self.accum
+            losses += torch.stack(logged) / self.accum
         finish_gradients(self.params, self.ctx)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.params, clip, self.ctx)
         self.ctx.all_reduce(losses, "mean")
-        train_loss, aux_loss = losses.tolist()
+        train_loss, aux_loss, *distill = losses.tolist()
         grad_norm_f = grad_norm.item()
         skipped = not (math.isfinite(train_loss) and math.isfinite(grad_norm_f))
         if skipped:
@@ -368,7 +384,8 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         assert out is not None
-        return _StepOutcome(train_loss, aux_loss, grad_norm_f, lr, skipped, out.stats)
+        return _StepOutcome(train_loss, aux_loss, grad_norm_f, lr, skipped, out.stats,
+                            dict(zip(("distill_ce", "distill_kl"), distill)))
 
     # ------------------------------------------------------------------ evaluation, saving
 
@@ -541,6 +558,7 @@ class Trainer:
             row["mfu"] = mfu
         if outcome.skipped:
             row["skipped_nonfinite"] = self.nonfinite
+        row.update(outcome.distill)
         row.update(self._global_stats(outcome.stats))
         return row
 
@@ -553,6 +571,9 @@ class _StepOutcome:
     lr: float
     skipped: bool
     stats: dict[str, Any]
+    # With a teacher: distill_ce, the student's CE on the data; distill_kl, the KL to the
+    # teacher. train_loss is then alpha * distill_ce + (1 - alpha) * T^2 * distill_kl.
+    distill: dict[str, float] = field(default_factory=dict)
 
 
 def _silent(_message: str) -> None:
