@@ -39,8 +39,9 @@ def upcycle_altup(t: Transplant, altup: nn.Module) -> None:
           "ones: every block takes the layer's whole update")
     if altup.extra_embedding is not None:
         embedding = t.read("tok_emb.weight")
+        blocks = "block 1" if K == 2 else f"blocks 1..{K - 1}"
         t.write(f"{STREAM}.extra_embedding", embedding.repeat(1, K - 1),
-                f"tok_emb.weight, repeated for blocks 1..{K - 1}")
+                f"tok_emb.weight, repeated for {blocks}")
     if altup.router_weight is not None:
         t.set(f"{STREAM}.router_weight", torch.zeros_like(altup.router_weight),
               "zero: the per-token delta starts at zero")

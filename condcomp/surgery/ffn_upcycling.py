@@ -148,6 +148,9 @@ def _note_moe_routing(t: Transplant, prefix: str, moe: nn.Module, G: int, noise:
         t.note(prefix, f"the combine weights of a token's top-{k} experts ({moe.score} scores, "
                "not renormalised) do not sum to a constant, so the FFN's output is scaled "
                "token by token (normalize_topk = true starts as the dense FFN)")
+    if 0 < moe.groups_per_token < moe.expert_groups and (E // moe.expert_groups) % G:
+        t.note(prefix, f"expert_groups = {moe.expert_groups} cuts runs of {G} experts apart, "
+               "so group-limited routing can keep part of a run")
     if k % G:
         t.note(prefix, f"top_k = {k} is not a multiple of the {G} chunks each run of experts "
                "holds, so a token's experts do not add up to the dense FFN once")
