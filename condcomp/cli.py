@@ -1,5 +1,5 @@
-"""``condcomp <command>``: train, distill, eval, generate, export, import-hf, export-hf, compare,
-bench, plan, presets.
+"""``condcomp <command>``: train, distill, eval, generate, export, import-hf, export-hf, upcycle,
+compare, bench, plan, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -146,6 +146,19 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from condcomp.errors import ConfigError
+    from condcomp.surgery.upcycle import format_report, upcycle
+
+    if args.config is None:
+        raise ConfigError("upcycle needs --config: the target model, a preset (condcomp presets "
+                          "lists them) or a TOML file, e.g. --config top2")
+    result = upcycle(args.source, args.config, args.out_run, args.overrides, args.checkpoint,
+                     args.noise, args.eval_tokens)
+    print(format_report(result))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from condcomp.compare import run_suite
 
@@ -252,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="the folder to write (new or empty)")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("upcycle", help="a dense run (or HF Llama folder) as the first "
+                       "checkpoint of a conditional model: MoE experts copied from the FFN, "
+                       "MoD, AltUp, MoT, Sparse FF")
+    p.add_argument("source", help="a dense run folder or an HF save_pretrained Llama folder")
+    _add_config_args(p)
+    p.add_argument("out_run", help="the run folder to write (new or empty)")
+    p.add_argument("--checkpoint", help="a checkpoint of the source run (default: the newest)")
+    p.add_argument("--noise", type=flags.number(float, ge=0.0, le=1.0), default=0.0,
+                   metavar="STD", help="Gaussian noise added to each expert's weights, in "
+                   "units of the weight's std (default 0: exact copies)")
+    p.add_argument("--eval-tokens", type=flags.number(int, ge=0, le=MAX_SIZE), default=8192,
+                   help="validation tokens to score the source and the upcycled model on "
+                   "(0: skip)")
+    p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("compare", help="train a suite of models at equal budget and report")
     p.add_argument("suite", help="a suite name, e.g. demo (condcomp presets lists them), or a "
