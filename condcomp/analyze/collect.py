@@ -158,7 +158,7 @@ class _Recorder:
                 idx_BK, valid_BK = ragged_selection(wrapper.routed_BT.cpu())
                 token_idx = (torch.arange(B).unsqueeze(1) * T + idx_BK).reshape(-1) + offset
                 keep = valid_BK.reshape(-1)
-                token_idx, rows = token_idx[keep], rows.cpu()[keep]
+                token_idx, rows = token_idx[keep], rows[keep.to(rows.device)]
             self.rows.setdefault(name, []).append((token_idx, rows.cpu()))
         if self.altup is not None:
             self.altup.add(self.stream, self.emb_BTD, tokens_BT.to(self.emb_BTD.device),

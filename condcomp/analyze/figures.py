@@ -54,9 +54,9 @@ def heatmaps(path: Path, panels: Sequence[tuple[str, torch.Tensor]], title: str,
     fig.savefig(path, dpi=_DPI)
 
 
-def lines(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]], title: str,
+def lines(path: Path, xs: Sequence[int], series: dict[str, Sequence[float]], title: str,
           xlabel: str, ylabel: str) -> None:
-    """One line per named series over ``xs``."""
+    """One line per named series over the whole numbers ``xs``."""
     fig = Figure(figsize=(7.5, 4.2), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -64,6 +64,7 @@ def lines(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]], t
         ax.plot(list(xs), list(ys), marker="o" if len(xs) < 20 else None, markersize=3,
                 linewidth=1.2, label=label)
     ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and positions
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)

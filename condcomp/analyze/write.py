@@ -19,8 +19,8 @@ from condcomp.analyze import (
     moe_section,
     sparse_ff_section,
 )
-from condcomp.analyze.collect import record_routing, routed_modules
-from condcomp.analyze.context import Context
+from condcomp.analyze.collect import Recorded, record_routing, routed_modules
+from condcomp.analyze.context import Context, Section
 from condcomp.analyze.document import Block, Heading, Paragraph, Table, code, to_html, to_markdown
 from condcomp.data import eval_batches, prepare_data
 from condcomp.errors import storage_error
@@ -48,41 +48,46 @@ def analyze_run(run_dir: str | Path, checkpoint: str | Path | None = None,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise storage_error(exc, f"cannot create the report folder {out}") from None
-    has_metrics = (run_dir / METRICS_FILE).is_file()
     summary = _run_summary(run_dir, run, read_metrics(run_dir))
     numbers: dict[str, Any] = {"run": str(run_dir), "checkpoint": str(run.checkpoint.path),
-                               "step": run.checkpoint.step, "families": summary.family}
-    blocks: list[Block] = []
+                               "step": run.checkpoint.step, "families": summary.family,
+                               "tokens": 0, "window": 0}
+    sections: list[Section] = []
     if routed_modules(run.model):
-        data = prepare_data(run.cfg.data, tokenizer=run.tokenizer, log=log)
-        window = max(1, min(run.cfg.train.seq_len, run.cfg.model.max_seq_len, tokens))
-        batches = eval_batches(data.val, run.cfg.train.batch_size, window, tokens)
-        recorded = record_routing(run.model, (x for x, _ in batches), device,
-                                  autocast_dtype(device, run.cfg.train.dtype))
-        ctx = Context(recorded, out, run.tokenizer, summary, has_metrics)
-        sections = [moe_section.section(ctx), mod_section.section(ctx),
-                    sparse_ff_section.section(ctx), altup_section.section(ctx, run.model.stream)]
-        sections = [s for s in sections if s is not None]
+        recorded = _record(run, tokens, device, log)
         numbers.update(tokens=recorded.tokens_T.numel(), window=recorded.window)
-    else:
-        sections = []
-        numbers.update(tokens=0, window=0)
-    blocks += _header(summary, run, numbers, device)
-    if not sections:
-        blocks += [Heading("Routing"),
-                   Paragraph(f"This run has no routing to analyse ({summary.family}): "
-                             f"`condcomp analyze` reports on the families "
-                             f"{', '.join(map(code, ANALYSED))}.")]
-    for section in sections:
-        blocks += section.blocks
-    blocks += _not_analysed(run)
+        ctx = Context(recorded, out, run.tokenizer, summary, (run_dir / METRICS_FILE).is_file())
+        sections = [s for s in (moe_section.section(ctx), mod_section.section(ctx),
+                                sparse_ff_section.section(ctx),
+                                altup_section.section(ctx, run.model.stream)) if s is not None]
     numbers["sections"] = {s.key: s.numbers for s in sections}
+    blocks = _header(summary, run, numbers, device) + _body(summary, run, sections)
     title = f"What the routers learned: {run_dir.name}"
     write_atomically(out / "report.md", to_markdown(title, blocks))
     write_atomically(out / "report.html", to_html(title, blocks))
     write_atomically(out / "analysis.json",
                      json.dumps(_finite(numbers), indent=1, allow_nan=False) + "\n")
     return out / "report.md"
+
+
+def _record(run: LoadedRun, tokens: int, device: torch.device,
+            log: Callable[[str], object]) -> Recorded:
+    """The run's routing decisions on the first ``tokens`` tokens of its validation split, in
+    windows of its training length (or of ``tokens``, if fewer)."""
+    data = prepare_data(run.cfg.data, tokenizer=run.tokenizer, log=log)
+    window = max(1, min(run.cfg.train.seq_len, run.cfg.model.max_seq_len, tokens))
+    batches = eval_batches(data.val, run.cfg.train.batch_size, window, tokens)
+    return record_routing(run.model, (x for x, _ in batches), device,
+                          autocast_dtype(device, run.cfg.train.dtype))
+
+
+def _body(summary: RunSummary, run: LoadedRun, sections: list[Section]) -> list[Block]:
+    if not sections:
+        return [Heading("Routing"),
+                Paragraph(f"This run has no routing to analyse ({summary.family}): "
+                          f"`condcomp analyze` reports on the families "
+                          f"{', '.join(map(code, ANALYSED))}.")]
+    return [block for section in sections for block in section.blocks] + _not_analysed(run)
 
 
 def _run_summary(run_dir: Path, run: LoadedRun, metrics: list[dict[str, Any]]) -> RunSummary:
