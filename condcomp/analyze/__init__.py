@@ -4,8 +4,9 @@ One forward pass over the run's validation text, in eval mode (the routing valid
 generation use), records every routing decision through forward hooks on the conditional
 layers (:mod:`.collect`); pure functions turn them into statistics (:mod:`.stats`); one module
 per family writes its section (:mod:`.moe_section`, :mod:`.mod_section`,
-:mod:`.sparse_ff_section`, :mod:`.altup_section`); :mod:`.write` puts the report together as
-``report.md``, ``report.html``, PNG figures and ``analysis.json``.
+:mod:`.sparse_ff_section`, :mod:`.altup_section`) from a :class:`.context.Context`, drawing
+with :mod:`.figures`; :mod:`.write` puts the report together (:mod:`.document` renders it as
+``report.md`` and ``report.html``) with PNG figures and ``analysis.json``.
 
 This module imports nothing, so the command line can read the default without loading torch.
 """
