@@ -1,5 +1,5 @@
 """``condcomp <command>``: train, distill, eval, generate, export, import-hf, export-hf, upcycle,
-compare, bench, plan, presets.
+compare, analyze, bench, plan, presets.
 
 Each command is a small function over argparse arguments. A :class:`CondcompError` (bad config,
 bad data, corrupt checkpoint, ...) is printed as one line, without a traceback, exit code 2.
@@ -167,6 +167,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from condcomp.analyze.write import analyze_run
+    from condcomp.runtime import resolve_device
+
+    report = analyze_run(args.run_dir, args.checkpoint, args.tokens, args.out,
+                         resolve_device(args.device), log=lambda s: print(s, file=sys.stderr))
+    print(f"report: {report} (and report.html, analysis.json and the figures beside it)")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from condcomp.config import load_config
     from condcomp.plan import make_plan
@@ -193,6 +203,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from condcomp import __version__, bench
+    from condcomp.analyze import DEFAULT_TOKENS
     from condcomp.generate import GREEDY_BELOW, Sampling
 
     parser = _Parser(
@@ -288,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of every model's config, e.g. --set train.max_steps=50")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("analyze", help="a report of what a run's routing learned: expert "
+                       "load, co-activation, preferred tokens, MoD, Sparse FF and AltUp")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--tokens", type=flags.number(int, gt=0, le=MAX_SIZE), default=DEFAULT_TOKENS,
+                   help="validation tokens to route (default: %(default)s)")
+    p.add_argument("--out", help="the report folder (default: RUN_DIR/analysis)")
+    p.add_argument("--device", type=flags.device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_analyze)
 
     bench.add_parser(sub)
 

@@ -276,7 +276,7 @@ def expert_load_file(run: RunSummary) -> str:
     return f"expert_load_{safe}.png"
 
 
-def _plot_expert_load(path: Path, run: RunSummary) -> bool:
+def plot_expert_load(path: Path, run: RunSummary) -> bool:
     """A heat map per MoE layer (experts x training steps, colour = share of tokens), stacked
     as layers; False when the run has no MoE layer."""
     history = expert_load_history(run)
@@ -522,7 +522,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_plots(out_dir, suite_name, runs)
     for run in runs:
-        _plot_expert_load(out_dir / expert_load_file(run), run)
+        plot_expert_load(out_dir / expert_load_file(run), run)
         _plot_token_depths(out_dir / token_depth_file(run), run)
     summary_path = out_dir / "summary.json"
     summary_path.write_text(
