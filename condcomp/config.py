@@ -4,7 +4,8 @@ A config is a TOML file or the name of a built-in preset (``switch``; see
 :mod:`condcomp.presets`).
 
 A run config has three sections, ``[model]``, ``[data]`` and ``[train]``, and a fourth,
-``[dist]``, read when ``torchrun`` launches it on several processes. The model names,
+``[dist]``, read when ``torchrun`` launches it on several processes; ``[health]`` sets when
+training warns of a failing router. The model names,
 for each of the four seams of docs/design.md, the family that fills it and (for per-layer seams)
 on which layers::
 
@@ -214,6 +215,24 @@ class TrainConfig:
 
 
 @dataclass
+class HealthConfig:
+    """``[health]``: when the train loop warns that a layer's router is failing
+    (:mod:`condcomp.router_health`). Read only while training; a resume may change them."""
+
+    # An expert is dead when no token went to it in this many optimizer steps.
+    dead_expert_steps: int = ranged(100, gt=0, le=MAX_COUNT)
+    # Collapse: the busiest expert takes more than this share of a layer's tokens (1: never).
+    collapse_share: float = ranged(0.5, gt=0.0, le=1.0)
+    # Collapse: the mean routing entropy falls under this many nats (0: never).
+    min_router_entropy: float = ranged(0.1, ge=0.0, le=1e3)
+    # A collapse warns after this many logged steps in a row, so one noisy step does not.
+    collapse_logged_steps: int = ranged(3, gt=0, le=MAX_COUNT)
+
+    def validate(self) -> None:
+        tables.check_fields(self, "health")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = ""  # "": runs/<name>
@@ -221,6 +240,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)  # read under torchrun only
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -232,6 +252,7 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.dist.validate()
+        self.health.validate()
         self._check_expert_parallel()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
