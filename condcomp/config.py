@@ -3,9 +3,10 @@
 A config is a TOML file or the name of a built-in preset (``switch``; see
 :mod:`condcomp.presets`).
 
-A run config has three sections, ``[model]``, ``[data]`` and ``[train]``, a fourth,
-``[dist]``, read when ``torchrun`` launches it on several processes, and a fifth,
-``[distill]``, read when a teacher run is named (:mod:`condcomp.surgery.distill`). The model names,
+A run config has three sections, ``[model]``, ``[data]`` and ``[train]``; ``[dist]`` is read
+when ``torchrun`` launches it on several processes, ``[distill]`` when a teacher run is named
+(:mod:`condcomp.surgery.distill`), and ``[health]`` sets when training warns of a failing
+router. The model names,
 for each of the four seams of docs/design.md, the family that fills it and (for per-layer seams)
 on which layers::
 
@@ -249,6 +250,24 @@ class DistillConfig:
 
 
 @dataclass
+class HealthConfig:
+    """``[health]``: when the train loop warns that a layer's router is failing
+    (:mod:`condcomp.router_health`). Read only while training; a resume may change them."""
+
+    # An expert is dead when no token went to it in this many optimizer steps.
+    dead_expert_steps: int = ranged(100, gt=0, le=MAX_COUNT)
+    # Collapse: the busiest expert takes more than this share of a layer's tokens (1: never).
+    collapse_share: float = ranged(0.5, gt=0.0, le=1.0)
+    # Collapse: the mean routing entropy falls under this many nats (0: never).
+    min_router_entropy: float = ranged(0.1, ge=0.0, le=1e3)
+    # A collapse warns after this many logged steps in a row, so one noisy step does not.
+    collapse_logged_steps: int = ranged(3, gt=0, le=MAX_COUNT)
+
+    def validate(self) -> None:
+        tables.check_fields(self, "health")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = ""  # "": runs/<name>
@@ -257,6 +276,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)  # read under torchrun only
     distill: DistillConfig = field(default_factory=DistillConfig)  # read with a teacher only
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -269,6 +289,7 @@ class RunConfig:
         self.train.validate()
         self.dist.validate()
         self.distill.validate()
+        self.health.validate()
         self._check_expert_parallel()
         if self.distill.init_from_teacher != "none" and self.train.init_from:
             raise ConfigError(f"train.init_from and distill.init_from_teacher = "

@@ -42,6 +42,9 @@ HARMLESS = frozenset({
     # How the run spreads over processes: a sharded checkpoint reshards to any layout. What
     # the layout does change (routing groups are per rank) is recorded in a layout row.
     "dist.data_parallel", "dist.ep", "dist.backend", "dist.timeout_s",
+    # When router warnings fire: they read the statistics, never change them.
+    "health.dead_expert_steps", "health.collapse_share", "health.min_router_entropy",
+    "health.collapse_logged_steps",
 })
 _ABSENT = "(none)"
 

@@ -57,6 +57,8 @@ from condcomp.master_weights import (
 )
 from condcomp.metrics_log import MetricsLog, loggable_stats
 from condcomp.model import TransformerLM
+from condcomp.router_health import RouterHealth
+from condcomp.router_health import describe as describe_router_warning
 from condcomp.run_changes import check_resume
 from condcomp.run_changes import describe as describe_changes
 from condcomp.run_lock import RunLock
@@ -191,6 +193,7 @@ class Trainer:
         self.rows_per_rank = self.micro_batch * self.accum
         self.masters: MasterWeights | None = None
         self.elapsed, self.nonfinite = 0.0, 0
+        self.health = RouterHealth(cfg.health)
 
     # ------------------------------------------------------------------ the run folder
 
@@ -503,8 +506,12 @@ class Trainer:
                     self.tokens_per_s = window_tokens / max(window_time, 1e-9)
                     window_tokens, window_time = 0, 0.0
                     row = self._train_row(step, outcome, load)
+                    alerts = self.health.review(row)  # alike on every rank, from averaged stats
                     if metrics is not None:
                         metrics.write(row)
+                        for alert in alerts:
+                            metrics.record(alert)
+                            progress.write(describe_router_warning(alert))
                     progress.set_postfix(loss=f"{outcome.train_loss:.4f}",
                                          tok_s=f"{self.tokens_per_s:,.0f}")
                 if outcome.skipped:
@@ -559,7 +566,7 @@ class Trainer:
         if outcome.skipped:
             row["skipped_nonfinite"] = self.nonfinite
         row.update(outcome.distill)
-        row.update(self._global_stats(outcome.stats))
+        row.update(self._global_stats(self.health.rank_stats(outcome.stats, self.model)))
         return row
 
 

@@ -126,7 +126,11 @@ class MixtureOfDepths(nn.Module):
             decision_BT = (predictor_BT if predictor_BT is not None else r_BT) > 0
             with torch.no_grad():
                 self.stats = {"routed_fraction": chosen_BT.float().mean(),
-                              "predictor_accuracy": (decision_BT == chosen_BT).float().mean(),
+                              "routed_over_capacity": share_over_capacity(chosen_BT,
+                                                                          self.capacity),
+                              "decode_over_capacity": share_over_capacity(decision_BT,
+                                                                          self.capacity),
+                              "predictor_accuracy": decode_agreement(decision_BT, chosen_BT),
                               "router_score_hist": score_histogram(r_BT)}
         else:
             # Causal routing: each token decides alone (sigmoid(logit) > 0.5 <=> logit > 0).
@@ -174,6 +178,20 @@ class MixtureOfDepths(nn.Module):
     def extra_repr(self) -> str:
         return (f"capacity={self.capacity}, decode_router={self.decode_router}, "
                 f"router_weight={self.router_weight}")
+
+
+def share_over_capacity(routed_BT: torch.Tensor, capacity: float) -> torch.Tensor:
+    """The share of tokens ``routed_BT`` sends into the block, over ``capacity``: 1 when it
+    spends the compute the config plans; above 1 more, below 1 less. Training's top-k sits at
+    1 (below only by rounding k down); the causal decode rule is free to drift from it."""
+    return routed_BT.float().mean() / capacity
+
+
+def decode_agreement(decision_BT: torch.Tensor, chosen_BT: torch.Tensor) -> torch.Tensor:
+    """The share of tokens on which the causal decode decision (``sigmoid(r) > 0.5``, or the
+    predictor's) equals top-k membership: how closely decoding routes as training did
+    (Raposo et al. 2024, sec. 3.5)."""
+    return (decision_BT == chosen_BT).float().mean()
 
 
 SCORE_BINS, SCORE_RANGE = 16, 4.0

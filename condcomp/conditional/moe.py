@@ -73,6 +73,10 @@ class _Dispatched:
     dropped: torch.Tensor  # share of slots lost to capacity
     balance: torch.Tensor  # Switch load-balancing loss (unweighted)
     noop_fraction: torch.Tensor  # share of slots sent to no-op experts
+    # training: slots of real tokens each real expert was chosen for, before capacity
+    routed_E: torch.Tensor | None = None
+    # training with capacity: the share of slots dropped in each quarter of the sequence
+    dropped_by_position: torch.Tensor | None = None
 
 
 class MoE(nn.Module):
@@ -142,6 +146,11 @@ class MoE(nn.Module):
         # Global-batch balance (Qiu et al. 2025): slots per choice and their total, summed over
         # the micro-batches (and ranks) of the step so far; reset after each optimizer step.
         self.register_buffer("_balance_counts", torch.zeros(n_choices + 1), persistent=False)
+        # Router health (condcomp.router_health): the slots each expert processed in this
+        # optimizer step, and the steps since each last got one. Kept on the device, so
+        # counting dead experts over every step costs no host sync; read at logged steps.
+        self.register_buffer("_step_load", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("_idle_steps", torch.zeros(num_experts), persistent=False)
         self.stats: dict[str, torch.Tensor | float] = {}
         self.init_weights(0.02, 0.02)
 
@@ -212,7 +221,7 @@ class MoE(nn.Module):
         probs_TE = routing.router_scores(logits_TE, self.score)
 
         if self.routing_mode == "expert_choice" and self.training:
-            out = self._expert_choice(x_TD, probs_TE, valid_T)
+            out = self._expert_choice(x_TD, probs_TE, valid_T, T)
         else:
             out = self._token_choice(x_TD, probs_TE, valid_T, T)
         y_TD = out.y_TD
@@ -225,6 +234,8 @@ class MoE(nn.Module):
         z_loss = routing.router_z_loss(logits_TE, valid_T)
         self.aux_loss = self.load_balance_coef * out.balance + self.z_loss_coef * z_loss
         with torch.no_grad():
+            if self.training:
+                self._step_load += out.load_E
             if self.training and self.bias_update_rate > 0:
                 self._load_since_update += out.choice_load
             dist_TE = routing.score_distribution(probs_TE, self.score)
@@ -236,12 +247,28 @@ class MoE(nn.Module):
                 "load_balance_loss": out.balance.detach(),
                 "z_loss": z_loss.detach(),
             }
+            if self.training:  # nothing reads them in evaluation: no kernels while decoding
+                self.stats.update(self._health_stats(
+                    out, B * T if valid_T is None else valid_T.sum().clamp_min(1)))
             if self.num_noop_experts:
                 self.stats["noop_fraction"] = out.noop_fraction
         # The compute dtype, as the dense MLP this layer replaces returns: an fp32 copy would
         # cost the layer a write and its backward a read of twice the bytes, for no precision
         # (bf16 values upcast exactly; docs/benchmarks.md, "Memory traffic, counted").
         return y_TD.view(B, T, D)
+
+    def _health_stats(self, out: _Dispatched, num_tokens: int | torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+        """What condcomp.router_health reads: MaxVio and the busiest expert's share of the
+        tokens, both from the router's choices before capacity (capacity caps the processed
+        load, and would hide a collapse), and under capacity the dropped share by position."""
+        assert out.routed_E is not None
+        stats = {"max_load_violation": routing.max_load_violation(out.routed_E),
+                 # Each token picks distinct experts, so an expert's slots are its tokens.
+                 "top_expert_share": out.routed_E.max() / num_tokens}
+        if out.dropped_by_position is not None:
+            stats["dropped_by_position"] = out.dropped_by_position
+        return stats
 
     def _token_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
                       valid_T: torch.Tensor | None, seq_len: int) -> _Dispatched:
@@ -268,7 +295,12 @@ class MoE(nn.Module):
             choice.weights_TK = choice.weights_TK * choice.kept_TK
             # No-op slots skip the experts; clamp their ids so every index stays in range.
             choice.expert_ids_TK = torch.where(noop_TK, E - 1, choice.expert_ids_TK)
+        # Real slots to real experts, before capacity (router health, training only).
+        routed_E = (routing.count_per_expert(choice.expert_ids_TK, E, choice.kept_TK.float())
+                    if self.training else None)
+        offered_TK = None
         if self.training and self.capacity_factor is not None:
+            offered_TK = choice.kept_TK
             choice = self._apply_capacity(choice, probs_TE, k, valid_T, seq_len)
         if self.route_scale != 1.0:  # DeepSeek-V3's routed_scaling_factor, after the top-k norm
             choice.weights_TK = choice.weights_TK * self.route_scale
@@ -299,7 +331,13 @@ class MoE(nn.Module):
             dropped = 1.0 - (kept_N.sum() + noop) / n_slots
             if valid_T is not None:
                 dropped = torch.where(valid_T.any(), dropped, 0.0)
-        return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots)
+            by_position = None
+            if offered_TK is not None:  # over the real slots, as dropped_fraction is
+                dropped_T = (offered_TK & ~choice.kept_TK).sum(dim=1)
+                slots_T = torch.full_like(dropped_T, k) if valid_T is None else valid_T * k
+                by_position = routing.share_by_position(dropped_T, slots_T, seq_len)
+        return _Dispatched(y_TD, load_E, choice_load, dropped, balance, noop / n_slots,
+                           routed_E, by_position)
 
     def _apply_capacity(self, choice: routing.TokenChoice, probs_TE: torch.Tensor, k: int,
                         valid_T: torch.Tensor | None, seq_len: int) -> routing.TokenChoice:
@@ -353,7 +391,7 @@ class MoE(nn.Module):
         return routing.balance_from_fractions(f_E, probs_TE, valid_T)
 
     def _expert_choice(self, x_TD: torch.Tensor, probs_TE: torch.Tensor,
-                       valid_T: torch.Tensor | None) -> _Dispatched:
+                       valid_T: torch.Tensor | None, seq_len: int) -> _Dispatched:
         T, D = x_TD.shape
         capacity = max(1, int(self.capacity_factor * T / self.num_experts))
         token_idx_EC, weights_EC = routing.expert_choice(probs_TE, capacity, valid_T)
@@ -372,10 +410,18 @@ class MoE(nn.Module):
         dropped = (1.0 - real_T.float().mean() if real_T.numel()  # no real token: none dropped
                    else y_TD.new_zeros((), dtype=torch.float32))
         zero = y_TD.new_zeros((), dtype=torch.float32)
+        is_real_T = torch.ones_like(chosen_T) if valid_T is None else valid_T
+        by_position = routing.share_by_position(is_real_T & ~chosen_T, is_real_T, seq_len)
         # Balanced by construction: no balance loss, and no bias to nudge.
-        return _Dispatched(y_TD, load_E, load_E, dropped, zero, zero)
+        return _Dispatched(y_TD, load_E, load_E, dropped, zero, zero, load_E, by_position)
 
     # ------------------------------------------------------------------ outside the loss
+
+    def idle_steps(self) -> torch.Tensor:
+        """``[E]``: the optimizer steps since each expert last processed a slot (0: in the last
+        step), counted over every micro-batch of every step; a device tensor that
+        condcomp.router_health reads at logged steps only."""
+        return self._idle_steps
 
     def pending_load(self) -> torch.Tensor | None:
         """The slots per choice counted since the last bias update, ``[E + N]``, which a
@@ -386,9 +432,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Aux-loss-free balancing: b_i += rate * sign(mean load - load_i) (DeepSeek-V3); and
-        the global-batch balance count starts over for the next step."""
+        """Aux-loss-free balancing: b_i += rate * sign(mean load - load_i) (DeepSeek-V3); the
+        global-batch balance count starts over for the next step; and each expert's count of
+        steps without a slot moves on (a skipped step's load runs on into the next)."""
         self._balance_counts.zero_()
+        self._idle_steps.copy_(torch.where(self._step_load > 0, 0.0, self._idle_steps + 1))
+        self._step_load.zero_()
         if self.bias_update_rate <= 0:
             return
         load_E = self._load_since_update

@@ -329,3 +329,34 @@ def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     tokens (an all-padding batch), not the NaN of an empty mean."""
     entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1)
     return entropy_T.mean() if entropy_T.numel() else entropy_T.new_zeros(())
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def max_load_violation(load_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664,
+    eq. 4): ``max_i load_i / mean load - 1``. 0 when every expert has the same load, E - 1
+    when one expert takes every slot; 0 for no slot at all rather than the NaN of 0 / 0."""
+    load_E = load_E.float()
+    mean = load_E.mean()
+    return torch.where(mean > 0, load_E.max() / mean.clamp_min(1e-20) - 1.0, 0.0)
+
+
+POSITION_BUCKETS = 4  # quarters of the sequence
+
+
+def share_by_position(hits_T: torch.Tensor, slots_T: torch.Tensor, seq_len: int,
+                      buckets: int = POSITION_BUCKETS) -> torch.Tensor:
+    """``[buckets]``: of the slots of the tokens in each equal stretch of the sequence
+    (quarters by default; token ``t`` of a sequence falls in ``t * buckets // seq_len``), the
+    share that ``hits_T`` counts (e.g. the slots capacity dropped). Tokens are flattened
+    sequences of ``seq_len``; a stretch without slots shows 0. Capacity counted per sequence
+    serves each sequence's earlier tokens first (GShard's order), so its overflow shows as a
+    share that grows toward the last stretch."""
+    position_T = torch.arange(hits_T.numel(), device=hits_T.device) % seq_len
+    bucket_T = position_T * buckets // seq_len
+    hits_B = torch.zeros(buckets, device=hits_T.device).scatter_add_(0, bucket_T, hits_T.float())
+    slots_B = torch.zeros(buckets, device=hits_T.device).scatter_add_(0, bucket_T,
+                                                                      slots_T.float())
+    return hits_B / slots_B.clamp_min(1.0)
