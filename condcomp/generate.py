@@ -75,11 +75,10 @@ def decode_one_token(model: TransformerLM, token_B1: torch.Tensor, input_pos: to
 
 
 def compile_decode_step(model: TransformerLM, mode: str | None = None) -> Callable:
-    """:func:`decode_one_token` compiled for ``model``: one graph (gpt-fast), unless one of its
-    layers decides on the host whether a token runs it (Mixture-of-Depths lets a decoding
-    token skip a block); then the step compiles into the pieces between those decisions."""
-    one_graph = not any(getattr(m, "decides_on_host", False) for m in model.modules())
-    return torch.compile(decode_one_token, mode=mode, fullgraph=one_graph)
+    """:func:`decode_one_token` compiled for ``model`` into one graph (gpt-fast), for every
+    family: a Mixture-of-Depths block decides on the device whether a token's update counts,
+    so the step has no host sync and ``mode="reduce-overhead"`` records it as CUDA graphs."""
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
