@@ -29,8 +29,7 @@ there: the block's KV cache holds only the tokens that went through it.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +168,7 @@ class MixtureOfDepths(nn.Module):
         the cache write at trace time), and a host-side ``if`` breaks the graph, which keeps
         CUDA graphs ("reduce-overhead") from the step. At batch 1 the routed block's extra
         work is one pass over its weights, where each host sync drains the device's queue."""
-        routed = dataclasses.replace(positions, valid_BT=chosen_11)
+        routed = replace(positions, valid_BT=chosen_11)
         new_11D = self._add_update(x_11D, r_11, self.block(x_11D, routed))
         return torch.where(chosen_11.unsqueeze(-1), new_11D, x_11D)
 

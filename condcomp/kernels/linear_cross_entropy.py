@@ -1,5 +1,6 @@
 """The output projection and the cross-entropy in one pass over row chunks, never forming the
-``[N, V]`` logits (the fused linear + cross-entropy of Liger-Kernel, Hsu et al. 2024, sec. 3.3).
+``[N, V]`` logits (the fused linear + cross-entropy of Liger-Kernel, Hsu et al. 2024,
+arXiv 2410.10989).
 
 At a 50k vocabulary the logits of a 16k-token batch are 3.3 GB in fp32, and the plain path keeps
 them (and their log-softmax) for the backward. Here each chunk of rows computes its logits
@@ -23,8 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# What one chunk's fp32 logits may take; the softmax and the gradient reuse or match it. At
-# V = 50k this is ~1300 rows a chunk: GEMMs large enough to run at full speed.
+# What one chunk's fp32 logits may take. The softmax overwrites them in place and the gradient
+# in the compute dtype takes at most as much again, so a chunk holds at most twice this. At
+# V = 50k it is ~1300 rows a chunk: GEMMs large enough to run at full speed.
 CHUNK_LOGITS_BYTES = 256 * 2**20
 
 
