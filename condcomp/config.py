@@ -50,6 +50,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+# How the training loss meets the output head: "plain" forms the [B, T, V] logits; "fused" runs
+# the head and the cross-entropy chunk by chunk (condcomp.kernels.linear_cross_entropy).
+LOSSES = ("plain", "fused")
 
 
 def _default_seam(seam: str) -> Any:
@@ -78,6 +81,7 @@ class ModelConfig:
     dropout: float = ranged(0.0, ge=0.0, lt=1.0)
     # The weights' standard deviation (GPT-2: 0.02); far above 1 the activations overflow.
     init_std: float = ranged(0.02, gt=0.0, le=1.0)
+    loss: str = "plain"  # plain | fused: the head and the cross-entropy without the logits
     ffn: SeamConfig = _default_seam("ffn")
     attention: SeamConfig = _default_seam("attention")
     wrapper: SeamConfig = _default_seam("wrapper")
@@ -126,6 +130,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.activation = {self.activation!r} is unknown; use one of {list(ACTIVATIONS)}"
             )
+        if self.loss not in LOSSES:
+            raise ConfigError(f"model.loss = {self.loss!r} is unknown; use one of {list(LOSSES)}")
         for seam_name, seam in self.seams().items():
             registry.validate_seam(seam_name, seam, self)
 

@@ -76,9 +76,13 @@ def decode_one_token(model: TransformerLM, token_B1: torch.Tensor, input_pos: to
 
 def compile_decode_step(model: TransformerLM, mode: str | None = None) -> Callable:
     """:func:`decode_one_token` compiled for ``model``: one graph (gpt-fast), unless one of its
-    layers decides on the host whether a token runs it (Mixture-of-Depths lets a decoding
-    token skip a block); then the step compiles into the pieces between those decisions."""
-    one_graph = not any(getattr(m, "decides_on_host", False) for m in model.modules())
+    layers decides on the host whether a token runs it (Mixture-of-Depths off CUDA:
+    ``MixtureOfDepths.DEVICE_DECISION``); then the step compiles into the pieces between
+    those decisions. On CUDA a Mixture-of-Depths block decides on the device, so the step has
+    no host sync and ``mode="reduce-overhead"`` records it as CUDA graphs."""
+    device = next(model.parameters()).device.type
+    one_graph = not any(m.decides_on_host(device) for m in model.modules()
+                        if hasattr(m, "decides_on_host"))
     return torch.compile(decode_one_token, mode=mode, fullgraph=one_graph)
 
 

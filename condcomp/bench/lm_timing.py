@@ -17,10 +17,10 @@ that dtype (bf16 weights and KV cache on CUDA, as gpt-fast and HF serve), since 
 re-cast every weight at every token of a memory-bound step.
 
 Compilation. Training compiles the whole model with ``torch.compile(model)``. Decoding compiles
-``decode_one_token`` with ``fullgraph=True`` (gpt-fast; a Mixture-of-Depths model, whose
-decoding tokens skip blocks on a host-side decision, compiles into the pieces between those
-decisions), in mode "reduce-overhead" (CUDA graphs) on CUDA and "default" on the CPU, where
-CUDA graphs do not exist.
+``decode_one_token`` with ``fullgraph=True`` (gpt-fast; a Mixture-of-Depths model too, whose
+compiled step decides on the device whether a routed block's update counts), in mode
+"reduce-overhead" (CUDA graphs) on CUDA and "default" on the CPU, where CUDA graphs do not
+exist.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def decode_runner_ours(model: torch.nn.Module, prompt: list[int], plan: Plan) ->
     step = decode_one_token
     if plan.compile:
         # gpt-fast: fixed shapes (a static KV cache, one token at input_pos), so one graph
-        # (or, for Mixture-of-Depths, one set of pieces) serves every step and generation.
+        # serves every step and generation.
         step = compile_decode_step(m, decode_compile_mode(plan))
 
     def run_once() -> tuple[list[int], list[float]]:

@@ -64,9 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="override a key in every preset, e.g. --set model.d_model=1024")
     add_measure_options(p, decode_tokens=64)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step of every model (decode stays eager: "
-                   "a data-dependent decode such as Mixture-of-Depths' is not one fixed graph, "
-                   "and every model is decoded the same way)")
+                   help="torch.compile the training step of every model (decode stays eager, "
+                   "where Mixture-of-Depths skips the blocks a token does not enter, and every "
+                   "model is decoded the same way)")
     p.add_argument("--train-routers", type=flags.number(int, ge=0), default=0, metavar="STEPS",
                    help="before decoding, train the decode routers (Mixture-of-Depths' router "
                    "or predictor) for STEPS steps on their own routing loss alone, so that "

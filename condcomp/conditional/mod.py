@@ -29,7 +29,7 @@ there: the block's KV cache holds only the tokens that went through it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,17 @@ class MixtureOfDepths(nn.Module):
     accuracy.
     """
 
-    # A decoding token's routing decision is read on the host, to skip the block's work: a
-    # compiled decode step breaks its graph there (see generate.compile_decode_step).
-    decides_on_host = True
+    # Device types on which a compiled batch-1 decode step decides on the device whether a token
+    # enters the block (the block runs, a select keeps its update): CUDA, where a host sync
+    # drains the device's queue and keeps CUDA graphs from the step. Elsewhere the decision is
+    # read on the host and a skipped block costs nothing, the step's graph breaking there: on
+    # the CPU that decodes 1.54x faster than the dense model (docs/benchmarks.md).
+    DEVICE_DECISION = ("cuda",)
+
+    def decides_on_host(self, device_type: str) -> bool:
+        """Whether a compiled decode step on ``device_type`` reads the decision on the host
+        (:func:`condcomp.generate.compile_decode_step` then lets the graph break)."""
+        return device_type not in self.DEVICE_DECISION
 
     def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125,
                  decode_router: str = "aux_loss", aux_loss_coef: float = 1e-2,
@@ -155,10 +163,30 @@ class MixtureOfDepths(nn.Module):
                     chosen_11: torch.Tensor) -> torch.Tensor:
         """Batch-1 decoding of one token: the block runs on it or not at all. The same result
         as the ragged selection, without building one (a sort, a gather and a scatter per
-        routed block and token)."""
+        routed block and token). Eager, the decision is read on the host and a skipped block
+        costs nothing; traced by ``torch.compile`` on a device of ``DEVICE_DECISION``,
+        :meth:`_decode_one_selected` keeps the step one graph."""
+        if torch.compiler.is_compiling() and not self.decides_on_host(x_11D.device.type):
+            return self._decode_one_selected(x_11D, positions, r_11, chosen_11)
         if not bool(chosen_11):  # a host sync, as the ragged selection's count is
             return x_11D
         return self._add_update(x_11D, r_11, self.block(x_11D, positions))
+
+    def _decode_one_selected(self, x_11D: torch.Tensor, positions: Positions,
+                             r_11: torch.Tensor, chosen_11: torch.Tensor) -> torch.Tensor:
+        """The same token without a host sync: the block runs whatever the router decided and
+        a select keeps its update only where the token was chosen.
+
+        The decision masks the KV-cache write too: a token that skips the block is a padding
+        entry of a one-token ragged selection (``valid_BT = chosen``), whose keys land in its
+        own slot without marking it filled, so no later token reads them. ``torch.cond`` would
+        skip the block's work, but its branches may not mutate their inputs (torch 2.13 refuses
+        the cache write at trace time), and a host-side ``if`` breaks the graph, which keeps
+        CUDA graphs ("reduce-overhead") from the step. At batch 1 the routed block's extra
+        work is one pass over its weights, where each host sync drains the device's queue."""
+        routed = replace(positions, valid_BT=chosen_11)
+        new_11D = self._add_update(x_11D, r_11, self.block(x_11D, routed))
+        return torch.where(chosen_11.unsqueeze(-1), new_11D, x_11D)
 
     def _add_update(self, x_BKD: torch.Tensor, r_BK: torch.Tensor,
                     update_BKD: torch.Tensor) -> torch.Tensor:

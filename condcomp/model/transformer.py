@@ -13,6 +13,7 @@ from torch import nn
 from condcomp import registry
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.kernels.linear_cross_entropy import linear_cross_entropy
 from condcomp.model.accounting import active_param_count
 from condcomp.model.norm import RMSNorm
 from condcomp.model.rope import RotaryEmbedding
@@ -33,13 +34,14 @@ PEAK_BF16_FLOPS = {
 class LMOutput:
     """What the model's forward returns.
 
-    ``loss`` is the mean next-token cross-entropy (``None`` without targets); ``aux_loss`` the
-    sum of every layer's auxiliary loss; ``stats`` each layer's routing statistics, keyed by the
-    module's path and the statistic's name (``"layers.1.block.ffn.tokens_per_expert"``,
-    ``"layers.1.routed_fraction"``).
+    ``loss`` is the mean next-token cross-entropy (``None`` without targets); ``logits`` are
+    ``None`` when ``model.loss = "fused"`` computed that loss, which never forms them;
+    ``aux_loss`` the sum of every layer's auxiliary loss; ``stats`` each layer's routing
+    statistics, keyed by the module's path and the statistic's name
+    (``"layers.1.block.ffn.tokens_per_expert"``, ``"layers.1.routed_fraction"``).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
@@ -102,11 +104,16 @@ class TransformerLM(nn.Module):
         for i, layer in enumerate(self.layers):
             state = self.stream.apply(i, state, lambda h, layer=layer: layer(h, positions))
         x_BTD = self.norm(self.stream.collapse(state))
-        logits_BTV = self.lm_head(x_BTD)
-        loss = None
-        if targets_BT is not None:
-            loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1),
-                                   ignore_index=-100)
+        logits_BTV, loss = None, None
+        if targets_BT is not None and self.cfg.loss == "fused":
+            # The head and the loss chunk by chunk: the [B*T, V] logits are never formed.
+            loss = linear_cross_entropy(x_BTD.reshape(B * T, -1), self.lm_head.weight,
+                                        targets_BT.reshape(-1), ignore_index=-100)
+        else:
+            logits_BTV = self.lm_head(x_BTD)
+            if targets_BT is not None:
+                loss = F.cross_entropy(logits_BTV.float().view(B * T, -1),
+                                       targets_BT.reshape(-1), ignore_index=-100)
         aux = self.tok_emb.weight.new_zeros((), dtype=torch.float32)
         stats: dict[str, torch.Tensor | float] = {}
         for name, module in self._reporting:

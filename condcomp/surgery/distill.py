@@ -250,6 +250,9 @@ def load_distiller(cfg: RunConfig, device: torch.device) -> Distiller | None:
     from a checkpoint of either layout; ``None`` without a teacher."""
     if not cfg.distill.teacher:
         return None
+    if cfg.model.loss == "fused":
+        raise ConfigError("distillation reads the student's logits, which model.loss = \"fused\" "
+                          "never forms; set model.loss = \"plain\"")
     run_dir, checkpoint = teacher_source(cfg.distill.teacher)
     with _about_teacher(cfg.distill.teacher):
         teacher = load_run(run_dir, checkpoint, device).model
