@@ -11,6 +11,7 @@ from test_mod import mod_model
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.generate import compile_decode_step, decode_one_token, prefill
 
+
 @pytest.fixture(autouse=True)
 def decide_on_the_cpu_device(monkeypatch):
     monkeypatch.setattr(MixtureOfDepths, "DEVICE_DECISION", ("cuda", "cpu"))
