@@ -78,6 +78,7 @@ from condcomp.suite_starts import (
     add_gain_kept,
     add_start,
     budget_notes,
+    check_continue,
     check_upcycle,
     write_upcycled,
 )
@@ -202,21 +203,21 @@ def load_suite(name_or_path: str | Path, overrides: list[str] | None = None) -> 
             cfg = model.run_config(Path("runs") / suite.name)
         except ConfigError as exc:
             raise ConfigError(f"{path}: model {entry.name!r}: {exc}") from None
-        if entry.init == "upcycle":
-            _check_upcycle(path, model, cfg, suite)
+        if entry.init != "scratch":
+            _check_start(path, model, cfg, suite)
         suite.models.append(model)
     return suite
 
 
-def _check_upcycle(path: Path, model: SuiteModel, cfg: RunConfig, suite: Suite) -> None:
-    """One ConfigError, now, for an upcycle that would fail once its source has trained."""
+def _check_start(path: Path, model: SuiteModel, cfg: RunConfig, suite: Suite) -> None:
+    """One ConfigError, now, for a start that would fail once its source has trained: weights
+    that do not fit (continue), or an upcycle that ``condcomp upcycle`` would refuse."""
     source = next(m for m in suite.models if m.name == model.start.init_from)
+    check = check_continue if model.start.init == "continue" else check_upcycle
     try:
-        check_upcycle(source.run_config(Path("runs") / suite.name).model, cfg.model,
-                      source.name)
+        check(source.run_config(Path("runs") / suite.name).model, cfg.model, source.name)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: model {model.name!r} is upcycled from {source.name!r}, "
-                          f"but {exc}") from None
+        raise ConfigError(f"{path}: model {model.name!r}: {exc}") from None
 
 
 def run_suite(name_or_path: str | Path, out_dir: str | Path | None = None,

@@ -250,20 +250,25 @@ def _plot_val_loss(
 
 
 def _write_plots(out_dir: Path, suite_name: str, runs: Sequence[RunSummary]) -> None:
+    # A model that started from another counts its start's tokens and FLOPs (and a
+    # teacher's forward FLOPs): the labels say so where one did.
+    started = any(run.start for run in runs)
     _plot_val_loss(
         out_dir / PLOT_FILES["tokens"],
         runs,
         _x_tokens,
         title=f"{suite_name}: validation loss vs training tokens",
-        xlabel="training tokens",
+        xlabel="training tokens" + (", the start's included" if started else ""),
         eng_x_unit="",
     )
+    flops = (f"{TRAIN_FLOPS_MULTIPLIER} x forward FLOPs/token x tokens" if not started
+             else "the start's and a teacher's forward included")
     _plot_val_loss(
         out_dir / PLOT_FILES["flops"],
         runs,
         _x_train_flops,
         title=f"{suite_name}: validation loss vs training compute",
-        xlabel=f"training FLOPs ({TRAIN_FLOPS_MULTIPLIER} x forward FLOPs/token x tokens, log scale)",
+        xlabel=f"training FLOPs ({flops}, log scale)",
         log_x=True,
     )
     _plot_val_loss(

@@ -95,7 +95,37 @@ class Start:
         return ", ".join(starts)
 
 
-# ----------------------------------------------------------------------------- upcycling
+# ----------------------------------------------------------------------------- the checks
+
+
+def check_continue(source: ModelConfig, target: ModelConfig, source_name: str) -> None:
+    """A continued model loads its source's weights, so both must hold the same tensors; one
+    ConfigError before any model trains, naming the first that differ."""
+    # vocab_size 0 takes the tokenizer's, the same for every model of the suite.
+    vocab = source.vocab_size or target.vocab_size or 1
+    source_shapes, target_shapes = (
+        _weight_shapes(dataclasses.replace(m, vocab_size=m.vocab_size or vocab))
+        for m in (source, target))
+    differ = sorted(name for name in source_shapes.keys() | target_shapes.keys()
+                    if source_shapes.get(name) != target_shapes.get(name))
+    if differ:
+        shown = ", ".join(f"{name} ({_shape(source_shapes.get(name))} in {source_name!r}, "
+                          f"{_shape(target_shapes.get(name))} here)" for name in differ[:3])
+        more = ", ..." if len(differ) > 3 else ""
+        raise ConfigError(f"init = 'continue' loads the weights of {source_name!r}, which do not "
+                          f"fit this model: {shown}{more}; give it the model keys of "
+                          f"{source_name!r}, or use init = 'upcycle' to change its families")
+
+
+def _weight_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model's state dict and its shape, built on the meta device (no
+    memory, no initialisation)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in TransformerLM(model).state_dict().items()}
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else str(list(shape))
 
 
 def check_upcycle(source: ModelConfig, target: ModelConfig, source_name: str) -> None:
