@@ -147,7 +147,7 @@ class SuiteModel:
 @dataclass
 class Suite:
     name: str
-    budget_tokens: int
+    budget_tokens: int  # the suite's; 0 where every model gives its own
     decode_tokens: int
     models: list[SuiteModel] = field(default_factory=list)
 
