@@ -33,7 +33,7 @@ from matplotlib.ticker import EngFormatter
 
 from condcomp.machine_load import BUSY_SHARE, is_busy
 
-__all__ = ["RunSummary", "write_report", "human_count", "human_si", "PLOT_FILES"]
+__all__ = ["RunSummary", "write_report", "train_flops", "human_count", "human_si", "PLOT_FILES"]
 
 # Training FLOPs per token = forward + backward, with the backward pass costing about twice
 # the forward one (Kaplan et al. 2020). Shared by the FLOPs plot and the how-to-read text.
@@ -81,6 +81,17 @@ class RunSummary:
     # Mixture-of-Depths runs: a validation text as (token text, blocks it went through).
     token_depths: list[tuple[str, int]] | None = None
     n_layers: int = 0
+    # Where the model started, for one that did not start from scratch: "continued from
+    # dense-1m", "upcycled from dense-1m", "distilled from switch" ("": from scratch).
+    start: str = ""
+    # What the model it continued or was upcycled from spent before it (0 for the others):
+    # the start's own training tokens and FLOPs, its start's included.
+    start_tokens: float = 0.0
+    start_train_flops: float = 0.0
+    # A distilled model's teacher: its forward FLOPs per token of the student's training.
+    teacher_flops_per_token: float = 0.0
+    # A distilled model: (L_base - L_student) / (L_base - L_teacher), None where not asked.
+    teacher_gain_kept: float | None = None
 
 
 # --------------------------------------------------------------------------- formatting
@@ -146,15 +157,26 @@ XOf = Callable[[RunSummary, dict], "float | None"]
 
 
 def _x_tokens(run: RunSummary, row: dict) -> float | None:
-    return _finite(row.get("tokens"))
+    tokens = _finite(row.get("tokens"))
+    return None if tokens is None else run.start_tokens + tokens
 
 
 def _x_train_flops(run: RunSummary, row: dict) -> float | None:
+    """The training FLOPs spent to reach ``row``: the model's own forward and backward on its
+    tokens, a teacher's forward on them, and what the model it started from spent."""
     tokens = _finite(row.get("tokens"))
     fpt = _finite(run.flops_per_token)
     if tokens is None or fpt is None:
         return None
-    return tokens * TRAIN_FLOPS_MULTIPLIER * fpt
+    own = TRAIN_FLOPS_MULTIPLIER * fpt + run.teacher_flops_per_token
+    return run.start_train_flops + tokens * own
+
+
+def train_flops(run: RunSummary) -> float | None:
+    """The training FLOPs of the whole run (as the FLOPs plot counts them), from its last
+    metrics row that counts tokens; None for a run that logged none."""
+    rows = [row for row in run.metrics if _finite(row.get("tokens")) is not None]
+    return _x_train_flops(run, max(rows, key=lambda row: row["tokens"])) if rows else None
 
 
 def _x_elapsed(run: RunSummary, row: dict) -> float | None:
@@ -228,20 +250,25 @@ def _plot_val_loss(
 
 
 def _write_plots(out_dir: Path, suite_name: str, runs: Sequence[RunSummary]) -> None:
+    # A model that started from another counts its start's tokens and FLOPs (and a
+    # teacher's forward FLOPs): the labels say so where one did.
+    started = any(run.start for run in runs)
     _plot_val_loss(
         out_dir / PLOT_FILES["tokens"],
         runs,
         _x_tokens,
         title=f"{suite_name}: validation loss vs training tokens",
-        xlabel="training tokens",
+        xlabel="training tokens" + (", the start's included" if started else ""),
         eng_x_unit="",
     )
+    flops = (f"{TRAIN_FLOPS_MULTIPLIER} x forward FLOPs/token x tokens" if not started
+             else "the start's and a teacher's forward included")
     _plot_val_loss(
         out_dir / PLOT_FILES["flops"],
         runs,
         _x_train_flops,
         title=f"{suite_name}: validation loss vs training compute",
-        xlabel=f"training FLOPs ({TRAIN_FLOPS_MULTIPLIER} x forward FLOPs/token x tokens, log scale)",
+        xlabel=f"training FLOPs ({flops}, log scale)",
         log_x=True,
     )
     _plot_val_loss(
@@ -366,12 +393,25 @@ _COLUMNS = (
 )
 
 
+# With a model that started from another: after "family", where it started; after
+# "FLOPs/token (fwd)", its training FLOPs, the start's included.
+_START_COLUMNS = ("start", "training FLOPs")
+
+
+def _columns(with_starts: bool) -> list[str]:
+    columns = list(_COLUMNS)
+    if with_starts:
+        columns.insert(2, _START_COLUMNS[0])
+        columns.insert(6, _START_COLUMNS[1])
+    return columns
+
+
 def _best_val_loss(runs: Sequence[RunSummary]) -> float | None:
     losses = [x for x in (_finite(r.final_val_loss) for r in runs) if x is not None]
     return min(losses) if losses else None
 
 
-def _table_row(run: RunSummary, best: float | None) -> str:
+def _table_row(run: RunSummary, best: float | None, with_starts: bool) -> str:
     loss = _fmt_loss(run.final_val_loss)
     if best is not None and _finite(run.final_val_loss) == best:
         loss = f"**{loss}**"  # ties are all bold: none of them is "the" winner
@@ -386,6 +426,9 @@ def _table_row(run: RunSummary, best: float | None) -> str:
         _throughput(run.train_tokens_per_s, run.train_other_cpu_share),
         _throughput(run.decode_tokens_per_s, run.decode_other_cpu_share),
     ]
+    if with_starts:
+        cells.insert(2, _md_cell(run.start or "scratch"))
+        cells.insert(6, human_si(train_flops(run)))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -409,19 +452,29 @@ def _busy_note(runs: Sequence[RunSummary]) -> list[str]:
 
 def _table(runs: Sequence[RunSummary]) -> list[str]:
     best = _best_val_loss(runs)
+    with_starts = any(run.start for run in runs)
+    columns = _columns(with_starts)
     # Text columns left-aligned, numbers right-aligned.
-    align = [":---", ":---"] + ["---:"] * (len(_COLUMNS) - 2)
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "| " + " | ".join(align) + " |"]
-    lines += [_table_row(run, best) for run in runs]
+    align = [":---" if name in ("model", "family", "start") else "---:" for name in columns]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += [_table_row(run, best, with_starts) for run in runs]
     return lines + _busy_note(runs)
 
 
-def _how_to_read(device: str) -> list[str]:
+def _how_to_read(device: str, with_starts: bool) -> list[str]:
+    budget = ("All runs were trained on the same data with the same token budget, so the "
+              "loss-vs-tokens plot compares sample efficiency. ")
+    if with_starts:
+        budget = ("All runs were trained on the same data. A model that started from another "
+                  "(*start*) counts the training tokens and FLOPs of that model as its own "
+                  "(*training FLOPs*; the x-axes of the loss-vs-tokens and loss-vs-FLOPs "
+                  "plots), and a distilled model counts its teacher's forward passes in its "
+                  "FLOPs (the notes say how), so an equal x is equal spending from scratch; the "
+                  "loss-vs-time plot shows each run's own training time. ")
     return [
         "## How to read this",
         "",
-        "All runs were trained on the same data with the same token budget, so the "
-        "loss-vs-tokens plot compares sample efficiency. *FLOPs/token* is the analytic "
+        budget + "*FLOPs/token* is the analytic "
         "forward-pass cost per token of the parameters a token actually touches (*active "
         "params*); training compute is taken as "
         f"{TRAIN_FLOPS_MULTIPLIER}x that (forward + backward), which is the x-axis of the "
@@ -468,7 +521,8 @@ def _render_markdown(
 ) -> str:
     lines = [f"# Comparison report: {suite_name}", "", f"Device: `{device}`", ""]
     lines += _table(runs) if runs else ["No runs."]
-    lines += [""] + _how_to_read(device) + [""] + _plots_section(runs)
+    lines += [""] + _how_to_read(device, any(run.start for run in runs)) + [""]
+    lines += _plots_section(runs)
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -87,8 +87,9 @@ def test_the_demo_suite_is_valid():
     (MODELS, "true", "suite.budget_tokens must be an integer, got true"),
     (MODELS, "nan", "suite.budget_tokens must be an integer, got nan"),
     (MODELS + 'decode_tokens = 8\n', 4096,
-     "unknown key models[2].decode_tokens; valid keys in [models[2]]: ['config', 'name', "
-     "'preset']; put config keys under config"),
+     "unknown key models[2].decode_tokens; valid keys in [models[2]]: ['budget_tokens', "
+     "'config', 'gain_baseline', 'init', 'init_from', 'name', 'preset', 'teacher']; put config "
+     "keys under config"),
     ('[[models]]\nname = 5\n', 4096, "models[0].name must be a string, got 5"),
     ('[[models]]\nname = "x"\nconfig = 5\n', 4096, "models[0].config must be a table, got 5"),
     ('[[models]]\nname = "x"\nconfig = { train = { lr = nan } }\n', 4096,
