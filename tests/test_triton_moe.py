@@ -111,6 +111,21 @@ def test_moe_layer_through_the_kernels_equals_its_default_path(options):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_moe_layer_through_the_kernels_under_bf16_autocast():
+    # As training runs it: fp32 weights cast to bf16 on the way in, bf16 output, fp32 grads.
+    moe = MoE(d_model=16, d_expert=40, num_experts=4, top_k=2).train()
+    x = torch.randn(2, 9, 16)
+    results = []
+    for kernel in ("grouped_mm", "triton"):
+        with expert_kernel(kernel), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), [*moe.parameters()])))
+    assert results[1][0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in results[1][1:])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
 def test_impl_choice_and_its_errors(monkeypatch):
     x = torch.zeros(2, 4)
     assert resolve_impl("auto", x) == "reference"  # CPU tensors: the reference

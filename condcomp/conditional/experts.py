@@ -108,7 +108,9 @@ class GroupedExperts(nn.Module):
         expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute each token's
         ``k`` outputs into ``sum_j weights_TK[t, j] * out[t, j]``, ``[T, D]``. ``kept_TK``
         (None: every slot is kept) marks the slots that capacity, padding or a no-op expert
-        left out; they add nothing. Under expert parallelism they also stay on this rank."""
+        left out; they add nothing. Under expert parallelism they also stay on this rank.
+        Inside :func:`condcomp.kernels.expert_ffn.expert_kernel`, SwiGLU experts run through
+        :func:`~condcomp.kernels.expert_ffn.swiglu_experts` instead (no permuted copy)."""
         from condcomp.conditional.routing import count_per_expert
 
         T, K = expert_ids_TK.shape

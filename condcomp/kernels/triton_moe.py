@@ -22,16 +22,17 @@ through their strides, and the routing weights' gradient ``<grad_y[t], out[n]>``
 ``<grad_y[t] @ w2[e]^T, h[n]>``, a row reduction in the epilogue of the product that computes
 ``grad_h`` anyway (per column tile, summed after).
 
-Rows ``n >= offsets_E[-1]`` (slots capacity dropped, sorted last) belong to no expert: the
-kernels skip them, and their slots come out as zero.
+Rows ``n >= offsets_E[-1]`` (slots capacity dropped, sorted last) belong to no expert: their
+programs multiply nothing and store zeros, so no output needs a zero fill first
+(:class:`BlockSchedule`).
 
 ``triton.jit`` reads ``TRITON_INTERPRET`` when it wraps a function, so the kernels are wrapped
 on first use, once for each value of the flag (:func:`_kernels`): a test that sets the flag
 runs them on CPU tensors in Triton's interpreter, and later callers get compiled kernels.
-``triton.language``'s own jit functions (``tl.zeros``, ``tl.sum``, ``tl.sigmoid``, ...) were wrapped
-when Triton was imported, which may be before the flag was set, and the interpreter cannot
-call compiled ones: the kernels use only builtins (``tl.reduce`` with Triton's own sum
-combiner, which the interpreter recognises and runs as a numpy sum).
+``triton.language``'s own jit functions (``tl.zeros``, ``tl.sum``, ``tl.sigmoid``, ...) were
+wrapped when Triton was imported, which may be before the flag was set, and the interpreter
+cannot call compiled ones: the kernels use only builtins (``tl.full``, ``tl.exp``, and
+``tl.reduce`` with Triton's own sum combiner, which the interpreter runs as a numpy sum).
 """
 
 from __future__ import annotations
