@@ -3,6 +3,7 @@ backward, in Triton's interpreter on CPU tensors; and the MoE layer through them
 default grouped-GEMM path."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -140,6 +141,22 @@ def test_impl_choice_and_its_errors(monkeypatch):
         resolve_impl("triton", x)
 
 
+def test_bench_moe_times_the_kernels_beside_the_default_path(tmp_path, monkeypatch):
+    from condcomp.cli import main
+
+    launches = []
+    up = triton_moe.swiglu_up
+    monkeypatch.setattr(triton_moe, "swiglu_up", lambda *a: launches.append(1) or up(*a))
+    out = tmp_path / "moe.json"
+    assert main(["bench", "moe", "--d-model", "16", "--d-ff", "32", "--tokens", "32",
+                 "--experts", "4:2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--peer", "none", "--expert-kernel", "triton", "--json", str(out)]) == 0
+    rows = {(r["layer"], r["E:k"]): r for r in json.loads(out.read_text())["rows"]}
+    assert ("condcomp MoE", "4:2") in rows
+    assert rows["condcomp MoE [triton experts]", "4:2"]["tokens_per_s"] > 0
+    assert launches  # the row timed the kernels, not the default path
+
+
 def test_bench_refuses_to_count_bytes_of_kernels_outside_the_graph():
     args = argparse.Namespace(count_bytes=True, expert_kernel="triton", profile=False,
                               ep_path=False)
@@ -185,12 +202,13 @@ def compile_for_hopper(fn, activations: str, constants: dict) -> bytes:
 
 
 @pytest.mark.parametrize("activations", ["bf16", "fp32"])
-def test_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, activations):
+def test_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_path, activations):
     # The interpreter runs the kernels' Python; only Triton's compiler checks that they are
     # kernels Triton compiles (constexpr branches, dynamic loop bounds, the tile shapes).
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no CUDA backend")
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found cached
     rows_gemm, weight_grad, swiglu_grad = triton_moe.kernels()
     tiles = dict(BLOCK_M=triton_moe.BLOCK_M, BLOCK_N=triton_moe.BLOCK_N,
                  BLOCK_K=triton_moe.BLOCK_K, FP32_DOT=activations == "fp32")
