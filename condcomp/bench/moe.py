@@ -48,6 +48,7 @@ from condcomp.bench.common import command_line, median_seconds, report, sync, ti
 from condcomp.bench.compiled_bytes import count_compiled_bytes
 from condcomp.distributed.expert_parallel import shard_experts_over
 from condcomp.errors import ConfigError
+from condcomp.kernels.expert_ffn import EXPERT_KERNELS, expert_kernel
 from condcomp.kernels.grouped_gemm import fast_path_on_cpu
 from condcomp.layers import MLP, MoE
 from condcomp.machine_load import LoadMeter
@@ -99,6 +100,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="also time each MoE layer through the expert-parallel dispatch with a "
                    "group of one rank, in turns with the plain layer, and give EP path time / "
                    "plain time (eager, fp32-stored weights)")
+    p.add_argument("--expert-kernel", choices=EXPERT_KERNELS, default="grouped_mm",
+                   help="also time each MoE layer with its experts through this path "
+                   "(condcomp.kernels.expert_ffn: triton = the gather-on-load kernels), in a "
+                   "row beside the default grouped-GEMM path's (default: grouped_mm, no row)")
     p.add_argument("--peer", choices=["hf", "none"], default=None,
                    help="HF Mixtral's MoE block (default: hf if transformers is installed)")
     p.add_argument("--hf-impls", default="all",
@@ -172,6 +177,9 @@ def profile_table(layer: nn.Module, x_BTD: torch.Tensor, grad_BTD: torch.Tensor,
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.count_bytes and args.expert_kernel != "grouped_mm":
+        raise ConfigError("--count-bytes counts what inductor compiles, and the Triton expert "
+                          "kernels run outside the compiled graph; drop --expert-kernel")
     if args.profile and args.count_bytes:
         raise ConfigError("--profile profiles the timed passes and --count-bytes times none; "
                           "drop one of them")
@@ -311,6 +319,13 @@ def run(args: argparse.Namespace) -> int:
             flops = 3 * moe.flops_per_token()
             rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
             print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
+            if args.expert_kernel != "grouped_mm":
+                with expert_kernel(args.expert_kernel):
+                    kernel_s = timed(moe)
+                rows.append(_row(f"condcomp MoE [{args.expert_kernel} experts]", f"{e}:{k}",
+                                 kernel_s, tokens, flops, dense_m / kernel_s))
+                print(f"MoE E={e} k={k}, {args.expert_kernel} experts: {_say(rows[-1])} "
+                      f"({dense_m / kernel_s:.2f}x dense)")
             if mesh is not None:
                 ep_moe = ep_path_copy(moe, MoE(*shape, normalize_topk=True).to(device), mesh)
                 rows.append(bench_ep_path(moe, ep_moe, f"{e}:{k}", x, grad, args, amp, flops,

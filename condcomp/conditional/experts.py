@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condcomp.distributed.expert_parallel import forward_batched_ep, forward_sorted_ep
+from condcomp.kernels.expert_ffn import selected_expert_kernel, swiglu_experts
 from condcomp.kernels.grouped_gemm import grouped_mm
 from condcomp.kernels.permute import combine_rows, dispatch_rows
 
@@ -107,7 +108,9 @@ class GroupedExperts(nn.Module):
         expert's rows are contiguous, run :meth:`forward_sorted`, and un-permute each token's
         ``k`` outputs into ``sum_j weights_TK[t, j] * out[t, j]``, ``[T, D]``. ``kept_TK``
         (None: every slot is kept) marks the slots that capacity, padding or a no-op expert
-        left out; they add nothing. Under expert parallelism they also stay on this rank."""
+        left out; they add nothing. Under expert parallelism they also stay on this rank.
+        Inside :func:`condcomp.kernels.expert_ffn.expert_kernel`, SwiGLU experts run through
+        :func:`~condcomp.kernels.expert_ffn.swiglu_experts` instead (no permuted copy)."""
         from condcomp.conditional.routing import count_per_expert
 
         T, K = expert_ids_TK.shape
@@ -118,10 +121,17 @@ class GroupedExperts(nn.Module):
         if kept_TK is not None:
             ids_N = torch.where(kept_TK.reshape(-1), ids_N, E)  # a virtual expert E, sorted last
         order_N = torch.argsort(ids_N, stable=True)
+        counts_E = count_per_expert(ids_N, E + 1)[:E]
+        kernel = selected_expert_kernel()
+        if (kernel != "grouped_mm" and self.gated and self.dropout is None
+                and self.ep_group is None):
+            # Rows gathered by index as the kernels load them: no permuted copy of x. Slots
+            # not kept sort past the last offset and add nothing.
+            return swiglu_experts(x_TD, self.w1, self.w2, self.w3, order_N,
+                                  torch.cumsum(counts_E, 0), weights_TK, impl=kernel)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         x_ND = dispatch_rows(x_TD, order_N, inverse_N, K)
-        counts_E = count_per_expert(ids_N, E + 1)[:E]
         if self.ep_group is not None:
             out_ND = forward_sorted_ep(self, x_ND, counts_E)
             return combine_rows(out_ND, weights_TK, order_N, inverse_N)

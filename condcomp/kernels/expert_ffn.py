@@ -1,0 +1,97 @@
+"""A token-choice MoE's SwiGLU experts from the tokens, without a permuted copy: which
+implementation runs them, and which one the MoE layer uses.
+
+:func:`swiglu_experts` computes ``y[t] = sum_j weights_TK[t, j] * ffn_e(x[t])`` (``e`` the
+expert of slot ``t * k + j``) as the gather-on-load Triton kernels
+(:mod:`condcomp.kernels.triton_moe`) or their plain PyTorch reference
+(:mod:`condcomp.kernels.moe_reference`): ``impl = "auto"`` takes the kernels for CUDA tensors
+when Triton is installed and the reference otherwise; ``"triton"`` and ``"reference"`` force
+one (``"triton"`` on CPU tensors runs in Triton's interpreter, ``TRITON_INTERPRET=1``).
+
+The MoE layer keeps its grouped-GEMM path (``torch._grouped_mm`` on CUDA) unless
+:func:`expert_kernel` selects one of these: the kernels are held to the reference by the tests
+but not yet timed against ``torch._grouped_mm`` on a GPU (``condcomp bench moe --expert-kernel
+triton`` does that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from condcomp.errors import CondcompError, ConfigError
+from condcomp.kernels.moe_reference import down_combine_reference, swiglu_up_reference
+
+try:
+    from condcomp.kernels import triton_moe
+except ImportError:  # Triton is optional: the dev extra installs it, CUDA wheels of torch too
+    triton_moe = None
+
+IMPLS = ("auto", "triton", "reference")
+# What the MoE layer runs its token-choice experts with: "grouped_mm" is its own path.
+EXPERT_KERNELS = ("grouped_mm", *IMPLS)
+
+_selected = "grouped_mm"
+
+
+@contextmanager
+def expert_kernel(kernel: str) -> Iterator[None]:
+    """Inside the block, the MoE layers' token-choice SwiGLU experts run through
+    :func:`swiglu_experts` with ``impl = kernel`` (``"grouped_mm"``: their own path). Layers
+    this does not cover keep their path: other activations, expert dropout, expert
+    parallelism."""
+    global _selected
+    if kernel not in EXPERT_KERNELS:
+        raise ConfigError(f"expert kernel {kernel!r}: choose one of {', '.join(EXPERT_KERNELS)}")
+    saved, _selected = _selected, kernel
+    try:
+        yield
+    finally:
+        _selected = saved
+
+
+def selected_expert_kernel() -> str:
+    return _selected
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for ``impl`` on ``x``'s device; a clear error where the
+    kernels cannot run."""
+    if impl not in IMPLS:
+        raise ConfigError(f"impl {impl!r}: choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "triton" if x.is_cuda and triton_moe is not None else "reference"
+    if impl == "triton":
+        if triton_moe is None:
+            raise CondcompError("the Triton expert kernels need Triton: pip install triton "
+                                "(or condcomp's dev extra)")
+        if not x.is_cuda and not triton_moe.triton.knobs.runtime.interpret:
+            raise CondcompError("the Triton expert kernels run on CUDA tensors, or on CPU "
+                                "tensors in Triton's interpreter: set TRITON_INTERPRET=1")
+    return impl
+
+
+# Outside a compiled graph: dynamo would have to trace the launches and the cached wrapping.
+@torch.compiler.disable
+def _triton_experts(x_TD, w1_EDH, w2_EHD, w3_EDH, order_N, offsets_E, weights_TK, k):
+    h_NH = triton_moe.swiglu_up(x_TD, w1_EDH, w3_EDH, order_N, offsets_E, k)
+    return triton_moe.down_combine(h_NH, w2_EHD, weights_TK, order_N, offsets_E)
+
+
+def swiglu_experts(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tensor,
+                   w3_EDH: torch.Tensor, order_N: torch.Tensor, offsets_E: torch.Tensor,
+                   weights_TK: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``[T, D]`` in ``x_TD``'s dtype: each token's ``k`` SwiGLU experts, weighted and summed.
+
+    ``order_N`` sorts the slots ``t * k + j`` by expert (a permutation of ``T * k``);
+    ``offsets_E`` are the cumulative ends of each expert's run of sorted rows, and rows past
+    the last end (slots capacity dropped) add nothing. The weights (``[E, D, H]``, ``[E, H, D]``)
+    are cast to ``x_TD``'s dtype, as the grouped-GEMM path does under autocast."""
+    k = weights_TK.shape[1]
+    w1_EDH, w2_EHD, w3_EDH = (w.to(x_TD.dtype) for w in (w1_EDH, w2_EHD, w3_EDH))
+    if resolve_impl(impl, x_TD) == "triton":
+        return _triton_experts(x_TD, w1_EDH, w2_EHD, w3_EDH, order_N, offsets_E, weights_TK, k)
+    h_NH = swiglu_up_reference(x_TD, w1_EDH, w3_EDH, order_N, offsets_E, k)
+    return down_combine_reference(h_NH, w2_EHD, weights_TK, order_N, offsets_E)
