@@ -13,6 +13,10 @@
 #     FAMILIES=dense_small,altup scripts/gpu_checks.sh models-compiled
 # The distributed goals (ep-path, fsdp-1gpu; not run on a GPU yet, about 2 minutes together):
 #   scripts/gpu_checks.sh ep-path fsdp-1gpu
+# The fused-kernel goals (the Triton expert kernels against torch._grouped_mm and the dense FFN,
+# 8 to 128 experts, the fused output head + cross-entropy against the plain loss and HF Llama,
+# MoD decode with CUDA graphs against dense; none has run on a GPU yet):
+#   scripts/gpu_checks.sh tests kernels moe-bf16 dense dense-fused mod-decode
 # The lent GPU machine has torch, numpy, safetensors, tokenizers, tqdm, matplotlib, pytest and
 # transformers, but not tensorboardX or the corpus package. Build their wheels here into an
 # ignored .whl/ and carry it:
@@ -56,6 +60,12 @@ for what in "$@"; do
     moe)
       section "bench moe"
       timeout 200 "${cc[@]}" bench moe --device cuda --hf-impls eager,grouped_mm --json "$OUT/moe.json" ;;
+    kernels)
+      # The Triton expert kernels (gather-on-load, fused SwiGLU and combine) beside the default
+      # grouped_mm path and the equal-FLOP dense FFN, compiled, in one process.
+      section "bench moe, the Triton expert kernels, compiled"
+      timeout 200 "${cc[@]}" bench moe --device "$DEVICE" --compile --peer none \
+        --experts 8:1,64:8 --expert-kernel triton ${MOE_SHAPE:-} --json "$OUT/moe_kernels.json" ;;
     moe-compiled)
       section "bench moe, compiled"
       timeout 150 "${cc[@]}" bench moe --device cuda --compile --peer none --json "$OUT/moe_compiled.json" ;;
@@ -142,7 +152,11 @@ for what in "$@"; do
           --set "out_dir=\"$RUNS/$preset\"" | tail -1
       done
       timeout 120 "${cc[@]}" bench runs "$RUNS/dense_small" "$RUNS/mod" --device "$DEVICE" \
-        --feed val --tokens 256 --repeats 3 --json "$OUT/mod_decode.json" | tee "$OUT/mod_decode.txt" ;;
+        --feed val --tokens 256 --repeats 3 --json "$OUT/mod_decode.json" | tee "$OUT/mod_decode.txt"
+      # Compiled: on CUDA with CUDA graphs, the MoD step one graph without a host sync.
+      timeout 200 "${cc[@]}" bench runs "$RUNS/dense_small" "$RUNS/mod" --device "$DEVICE" \
+        --feed val --tokens 256 --repeats 3 --compile --json "$OUT/mod_decode_compiled.json" |
+        tee "$OUT/mod_decode_compiled.txt" ;;
     mot-quality)
       # The MoT quality goal closer to the paper's regime: wider models, batches of 64,
       # groups of 8 and of 32 (the mot_gpu suite), trained on the GPU.
@@ -155,6 +169,11 @@ for what in "$@"; do
       section "bench dense vs HF Llama, compiled"
       timeout 300 "${cc[@]}" bench --config gpt_125m --device cuda --compile \
         --json "$OUT/dense.json" ;;
+    dense-fused)
+      # The same, with the output head and the cross-entropy fused (model.loss = "fused").
+      section "bench dense with the fused head + cross-entropy vs HF Llama, compiled"
+      timeout 300 "${cc[@]}" bench --config gpt_125m --device cuda --compile \
+        --set model.loss=fused --json "$OUT/dense_fused.json" ;;
     *) echo "unknown section $what" ;;
   esac
 done

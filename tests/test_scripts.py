@@ -38,6 +38,12 @@ def test_mod_decode_section_trains_both_models_and_decodes_them_side_by_side(tmp
     assert decoded["runs"]["dense_small"]["speedup"] == 1.0
     assert decoded["runs"]["mod"]["routed_blocks"] == 2
     assert decoded["machine_load"]["verdict"] in {"busy", "idle", "unknown"}
+    # And compiled (CUDA graphs on a GPU; on the CPU the MoD step breaks at its decisions).
+    compiled = json.loads((tmp_path / "out" / "mod_decode_compiled.json").read_text())
+    assert compiled["compile"] is True and compiled["runs"]["mod"]["routed_blocks"] == 2
+    # The same decisions, but for a router score within inductor's rounding of the threshold.
+    assert abs(compiled["runs"]["mod"]["routed_blocks_entered_per_token"]
+               - decoded["runs"]["mod"]["routed_blocks_entered_per_token"]) < 0.05
 
 
 def test_moe_step_section_times_four_switch_models_side_by_side(tmp_path):

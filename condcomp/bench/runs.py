@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from condcomp.bench.common import command_line, report, time_in_turns
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.data import prepare_data
 from condcomp.errors import ConfigError
+from condcomp.generate import compile_decode_step, decode_one_token
 from condcomp.machine_load import LoadMeter
 from condcomp.model import TransformerLM
 from condcomp.ranges import MAX_SIZE
@@ -48,6 +50,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--feed", choices=["greedy", "val"], default="greedy",
                    help="greedy: each run decodes its own argmax; val: every run is fed the same "
                    "validation tokens of the first run's corpus")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through compile_decode_step (CUDA: mode reduce-overhead, CUDA "
+                   "graphs; a Mixture-of-Depths step is then one graph without a host sync)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -57,8 +62,10 @@ class RunDecoder:
     """One run's model decoding one token per :meth:`step` through its KV cache, fed its own
     greedy choice or, with ``fed_T``, the next of those tokens."""
 
-    def __init__(self, model: TransformerLM, tokens: int, fed_T: torch.Tensor | None) -> None:
+    def __init__(self, model: TransformerLM, tokens: int, fed_T: torch.Tensor | None,
+                 decode_step: Callable = decode_one_token) -> None:
         self.model, self.tokens, self.fed_T = model, tokens, fed_T
+        self.decode_step = decode_step
         self.device = model.tok_emb.weight.device
         # Positions made once: a step slices its own, with no host-to-device copy in the timing.
         self.positions_T = torch.arange(tokens, device=self.device)
@@ -77,10 +84,12 @@ class RunDecoder:
 
     @torch.no_grad()
     def step(self) -> None:
-        logits = self.model(self.token_11, input_pos=self.positions_T[self.pos:self.pos + 1]).logits
-        self.token_11 = (logits[:, -1:].argmax(-1) if self.fed_T is None else
+        logits_1V = self.decode_step(self.model, self.token_11,
+                                     self.positions_T[self.pos:self.pos + 1])
+        self.token_11 = (logits_1V.argmax(-1, keepdim=True) if self.fed_T is None else
                          self.fed_T[self.pos + 1:self.pos + 2].view(1, 1))
-        self.routed += [m.routed_BT for m in self.routers]
+        # Copied: a CUDA graph's replay overwrites the tensors of the step before.
+        self.routed += [m.routed_BT.clone() for m in self.routers]
         self.pos += 1
         self.steps += 1
 
@@ -119,7 +128,16 @@ def run(args: argparse.Namespace) -> int:
     tokens = args.tokens or min(m.cfg.max_seq_len for m in models.values()) - 1
     fed_T = validation_tokens(next(iter(runs.values())), tokens, device) \
         if args.feed == "val" else None
-    decoders = {name: RunDecoder(model, tokens, fed_T) for name, model in models.items()}
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    decoders = {name: RunDecoder(model, tokens, fed_T,
+                                 compile_decode_step(model, mode) if args.compile
+                                 else decode_one_token)
+                for name, model in models.items()}
+    if args.compile:  # compiled (and CUDA graphs recorded) before the timing
+        for decoder in decoders.values():
+            decoder.start()
+            for _ in range(min(3, tokens)):
+                decoder.step()
     meter = LoadMeter()
     seconds: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(args.repeats):
@@ -137,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                       "routed_blocks_entered_per_token":
                           decoders[name].routed_blocks_entered_per_token()}
     result = {"device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
-              "feed": args.feed, "tokens": tokens, "repeats": args.repeats,
+              "feed": args.feed, "compile": args.compile, "tokens": tokens, "repeats": args.repeats,
               "command": command_line(), "runs": rows}
     report(result, format_table(result), args.json, meter.lap())
     return 0
