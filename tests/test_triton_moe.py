@@ -11,10 +11,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 from condcomp.bench.moe import check_args  # noqa: E402
+from condcomp.conditional.experts import expert_kernel  # noqa: E402
 from condcomp.conditional.moe import MoE  # noqa: E402
 from condcomp.errors import CondcompError, ConfigError  # noqa: E402
 from condcomp.kernels import triton_moe  # noqa: E402
-from condcomp.kernels.expert_ffn import expert_kernel, resolve_impl, swiglu_experts  # noqa: E402
+from condcomp.kernels.expert_ffn import resolve_impl, swiglu_experts  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +105,7 @@ def test_moe_layer_through_the_kernels_equals_its_default_path(options):
     grad = torch.randn(2, 9, 16)
     results = []
     for kernel in ("grouped_mm", "triton"):
-        with expert_kernel(kernel):
+        with expert_kernel(moe, kernel):
             y = moe(x)
         params = [x, *moe.parameters()]
         results.append((y, *torch.autograd.grad(y, params, grad)))
@@ -118,7 +119,7 @@ def test_moe_layer_through_the_kernels_under_bf16_autocast():
     x = torch.randn(2, 9, 16)
     results = []
     for kernel in ("grouped_mm", "triton"):
-        with expert_kernel(kernel), torch.autocast("cpu", dtype=torch.bfloat16):
+        with expert_kernel(moe, kernel), torch.autocast("cpu", dtype=torch.bfloat16):
             y = moe(x)
         results.append((y, *torch.autograd.grad(y.float().square().sum(), [*moe.parameters()])))
     assert results[1][0].dtype == torch.bfloat16
@@ -134,7 +135,7 @@ def test_impl_choice_and_its_errors(monkeypatch):
     with pytest.raises(ConfigError, match="choose one of auto, triton, reference"):
         resolve_impl("cutlass", x)
     with pytest.raises(ConfigError, match="choose one of grouped_mm"):
-        with expert_kernel("fast"):
+        with expert_kernel(MoE(d_model=8, d_expert=8, num_experts=2), "fast"):
             pass
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(CondcompError, match="TRITON_INTERPRET=1"):
@@ -233,3 +234,45 @@ def test_compiled_kernels_on_cuda_equal_the_reference(monkeypatch, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for name, a, b in zip(NAMES, out, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, msg=name)
+
+
+def _moe_model_cfg(**ffn):
+    from helpers import tiny_model_cfg
+
+    return tiny_model_cfg(ffn=dict(kind="moe", layers="all",
+                                   options=dict(num_experts=4, top_k=2, **ffn)))
+
+
+def test_the_config_key_runs_a_models_experts_through_the_kernels():
+    from condcomp.model import TransformerLM
+
+    torch.manual_seed(0)
+    cfgs = [_moe_model_cfg(), _moe_model_cfg(expert_kernel="triton")]
+    for cfg in cfgs:
+        cfg.validate()
+    default, through = (TransformerLM(cfg) for cfg in cfgs)
+    through.load_state_dict(default.state_dict())
+    assert {m.experts.kernel for m in through.modules() if isinstance(m, MoE)} == {"triton"}
+    tokens = torch.randint(0, 97, (2, 12))
+    losses = [m(tokens, tokens).loss for m in (default, through)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(loss, list(m.parameters()))
+             for loss, m in zip(losses, (default, through))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn,model,message", [
+    (dict(expert_kernel="triton"), dict(activation="gelu"), "another activation"),
+    (dict(expert_kernel="auto", routing="expert_choice", capacity_factor=2.0), {},
+     "routing = .expert_choice."),
+    (dict(expert_kernel="auto", expert_dropout=0.1), {}, "expert_dropout > 0"),
+    (dict(expert_kernel="cutlass"), {}, "is unknown"),
+])
+def test_the_kernels_refuse_layers_they_cannot_run(ffn, model, message):
+    from helpers import tiny_model_cfg
+
+    cfg = tiny_model_cfg(**model, ffn=dict(kind="moe", layers="all",
+                                           options=dict(num_experts=4, top_k=2, **ffn)))
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()

@@ -46,9 +46,10 @@ from torch import nn
 from condcomp import flags
 from condcomp.bench.common import command_line, median_seconds, report, sync, time_in_turns
 from condcomp.bench.compiled_bytes import count_compiled_bytes
+from condcomp.conditional.experts import expert_kernel
 from condcomp.distributed.expert_parallel import shard_experts_over
 from condcomp.errors import ConfigError
-from condcomp.kernels.expert_ffn import EXPERT_KERNELS, expert_kernel
+from condcomp.kernels.expert_ffn import EXPERT_KERNELS
 from condcomp.kernels.grouped_gemm import fast_path_on_cpu
 from condcomp.layers import MLP, MoE
 from condcomp.machine_load import LoadMeter
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row("condcomp MoE", f"{e}:{k}", moe_m, tokens, flops, dense_m / moe_m))
             print(f"MoE E={e} k={k}: {_say(rows[-1])} ({dense_m / moe_m:.2f}x dense)")
             if args.expert_kernel != "grouped_mm":
-                with expert_kernel(args.expert_kernel):
+                with expert_kernel(moe, args.expert_kernel):
                     kernel_s = timed(moe)
                 rows.append(_row(f"condcomp MoE [{args.expert_kernel} experts]", f"{e}:{k}",
                                  kernel_s, tokens, flops, dense_m / kernel_s))

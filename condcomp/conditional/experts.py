@@ -23,12 +23,15 @@ local shard; the gathered path, which needs every expert locally, is not used.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from condcomp.distributed.expert_parallel import forward_batched_ep, forward_sorted_ep
-from condcomp.kernels.expert_ffn import selected_expert_kernel, swiglu_experts
+from condcomp.kernels.expert_ffn import check_expert_kernel, swiglu_experts
 from condcomp.kernels.grouped_gemm import grouped_mm
 from condcomp.kernels.permute import combine_rows, dispatch_rows
 
@@ -47,8 +50,13 @@ class GroupedExperts(nn.Module):
     FSDP_FORWARD_METHODS = ("forward_dispatched", "forward_batched")
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int,
-                 activation: str = "swiglu", dropout: float = 0.0) -> None:
+                 activation: str = "swiglu", dropout: float = 0.0,
+                 kernel: str = "grouped_mm") -> None:
         super().__init__()
+        check_expert_kernel(kernel, "expert_kernel", gated=activation == "swiglu",
+                            dropout=dropout)
+        # What forward_dispatched runs the experts with (condcomp.kernels.expert_ffn).
+        self.kernel = kernel
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.activation = activation
         self.gated = activation == "swiglu"
@@ -109,8 +117,9 @@ class GroupedExperts(nn.Module):
         ``k`` outputs into ``sum_j weights_TK[t, j] * out[t, j]``, ``[T, D]``. ``kept_TK``
         (None: every slot is kept) marks the slots that capacity, padding or a no-op expert
         left out; they add nothing. Under expert parallelism they also stay on this rank.
-        Inside :func:`condcomp.kernels.expert_ffn.expert_kernel`, SwiGLU experts run through
-        :func:`~condcomp.kernels.expert_ffn.swiglu_experts` instead (no permuted copy)."""
+        With ``kernel`` other than ``"grouped_mm"`` the experts run through
+        :func:`~condcomp.kernels.expert_ffn.swiglu_experts` instead (no permuted copy); under
+        expert parallelism the rows travel to their experts' ranks, on the grouped-GEMM path."""
         from condcomp.conditional.routing import count_per_expert
 
         T, K = expert_ids_TK.shape
@@ -122,13 +131,11 @@ class GroupedExperts(nn.Module):
             ids_N = torch.where(kept_TK.reshape(-1), ids_N, E)  # a virtual expert E, sorted last
         order_N = torch.argsort(ids_N, stable=True)
         counts_E = count_per_expert(ids_N, E + 1)[:E]
-        kernel = selected_expert_kernel()
-        if (kernel != "grouped_mm" and self.gated and self.dropout is None
-                and self.ep_group is None):
+        if self.kernel != "grouped_mm" and self.ep_group is None:
             # Rows gathered by index as the kernels load them: no permuted copy of x. Slots
             # not kept sort past the last offset and add nothing.
             return swiglu_experts(x_TD, self.w1, self.w2, self.w3, order_N,
-                                  torch.cumsum(counts_E, 0), weights_TK, impl=kernel)
+                                  torch.cumsum(counts_E, 0), weights_TK, impl=self.kernel)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         x_ND = dispatch_rows(x_TD, order_N, inverse_N, K)
@@ -203,3 +210,20 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, "
                 f"d_expert={self.d_expert}, activation={self.activation}")
+
+
+@contextlib.contextmanager
+def expert_kernel(module: nn.Module, kernel: str) -> Iterator[None]:
+    """Every :class:`GroupedExperts` in ``module`` runs its experts with ``kernel`` inside the
+    block (a benchmark's or a test's comparison of the paths)."""
+    experts = [m for m in module.modules() if isinstance(m, GroupedExperts)]
+    saved = [m.kernel for m in experts]
+    for m in experts:
+        check_expert_kernel(kernel, "expert_kernel", gated=m.gated,
+                            dropout=m.dropout.p if m.dropout is not None else 0.0)
+        m.kernel = kernel
+    try:
+        yield
+    finally:
+        for m, old in zip(experts, saved):
+            m.kernel = old

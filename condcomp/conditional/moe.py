@@ -52,6 +52,7 @@ from condcomp.conditional import routing
 from condcomp.conditional.experts import GroupedExperts
 from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
+from condcomp.kernels.expert_ffn import check_expert_kernel
 from condcomp.kernels.permute import weighted_sum
 from condcomp.model.mlp import MLP
 from condcomp.ranges import MAX_LOSS_WEIGHT, MAX_SIZE, ranged
@@ -104,7 +105,7 @@ class MoE(nn.Module):
                  score: str = "softmax", route_scale: float = 1.0, expert_groups: int = 1,
                  groups_per_token: int = 0, shared_gate: str = "none",
                  capacity_scope: str = "batch", drop_policy: str = "position",
-                 balance_scope: str = "micro_batch") -> None:
+                 balance_scope: str = "micro_batch", expert_kernel: str = "grouped_mm") -> None:
         super().__init__()
         check_moe_shape(num_experts, top_k, routing_mode, capacity_factor)
         if num_noop_experts and (routing_mode != "token_choice" or no_token_left_behind):
@@ -131,7 +132,10 @@ class MoE(nn.Module):
         # a slot routed to one skips the layer on the residual. Router rows E.. are theirs.
         self.num_noop_experts = num_noop_experts
         self.router = nn.Linear(d_model, num_experts + num_noop_experts, bias=False)
-        self.experts = GroupedExperts(num_experts, d_model, d_expert, activation, expert_dropout)
+        check_expert_kernel(expert_kernel, "expert_kernel", gated=activation == "swiglu",
+                            dropout=expert_dropout, routing_mode=routing_mode)
+        self.experts = GroupedExperts(num_experts, d_model, d_expert, activation, expert_dropout,
+                                      expert_kernel)
         self.shared_experts = (MLP(d_model, (d_shared or d_expert) * num_shared_experts, activation)
                                if num_shared_experts > 0 else None)
         # Qwen2-MoE's shared_expert_gate: how much of the shared experts each token takes.
@@ -598,6 +602,10 @@ class MoEOptions:
     # the balance loss over the "micro_batch" | "sequence" (DeepSeek-V3) | "global_batch"
     # (Qiu et al. 2025: expert fractions over the step's micro-batches and data ranks)
     balance_scope: str = "micro_batch"
+    # token-choice SwiGLU experts through "grouped_mm" (torch._grouped_mm on CUDA) | the
+    # gather-on-load kernels: "auto" (Triton on CUDA, else their reference) | "triton" |
+    # "reference" (condcomp.kernels.expert_ffn)
+    expert_kernel: str = "grouped_mm"
 
     def resolved(self, cfg: ModelConfig) -> MoEOptions:
         """Apply the fine-grained sugar (Krajewski et al. 2024): G-times narrower experts,
@@ -646,6 +654,9 @@ class MoEOptions:
             groups_per_token=opts.groups_per_token, shared_gate=opts.shared_gate,
             capacity_scope=opts.capacity_scope, drop_policy=opts.drop_policy,
             balance_scope=opts.balance_scope)
+        check_expert_kernel(opts.expert_kernel, "model.ffn.expert_kernel",
+                            gated=cfg.activation == "swiglu", dropout=opts.expert_dropout,
+                            routing_mode=opts.routing)
 
 
 def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
@@ -662,7 +673,7 @@ def _build(options: MoEOptions, cfg: ModelConfig, layer_idx: int | None) -> MoE:
                score=o.score, route_scale=o.route_scale, expert_groups=o.expert_groups,
                groups_per_token=o.groups_per_token, shared_gate=o.shared_gate,
                capacity_scope=o.capacity_scope, drop_policy=o.drop_policy,
-               balance_scope=o.balance_scope)
+               balance_scope=o.balance_scope, expert_kernel=o.expert_kernel)
 
 
 registry.register(registry.Family("moe", "ffn", MoEOptions, _build, "mixture of experts"))

@@ -8,16 +8,13 @@ expert of slot ``t * k + j``) as the gather-on-load Triton kernels
 when Triton is installed and the reference otherwise; ``"triton"`` and ``"reference"`` force
 one (``"triton"`` on CPU tensors runs in Triton's interpreter, ``TRITON_INTERPRET=1``).
 
-The MoE layer keeps its grouped-GEMM path (``torch._grouped_mm`` on CUDA) unless
-:func:`expert_kernel` selects one of these: the kernels are held to the reference by the tests
-but not yet timed against ``torch._grouped_mm`` on a GPU (``condcomp bench moe --expert-kernel
-triton`` does that).
+The MoE layer keeps its grouped-GEMM path (``torch._grouped_mm`` on CUDA) unless its
+``expert_kernel`` (``[model.ffn] expert_kernel``) selects one of these: the kernels are held to
+the reference by the tests but not yet timed against ``torch._grouped_mm`` on a GPU
+(``condcomp bench moe --expert-kernel triton`` does that).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -33,27 +30,26 @@ IMPLS = ("auto", "triton", "reference")
 # What the MoE layer runs its token-choice experts with: "grouped_mm" is its own path.
 EXPERT_KERNELS = ("grouped_mm", *IMPLS)
 
-_selected = "grouped_mm"
 
 
-@contextmanager
-def expert_kernel(kernel: str) -> Iterator[None]:
-    """Inside the block, the MoE layers' token-choice SwiGLU experts run through
-    :func:`swiglu_experts` with ``impl = kernel`` (``"grouped_mm"``: their own path). Layers
-    this does not cover keep their path: other activations, expert dropout, expert
-    parallelism."""
-    global _selected
+def check_expert_kernel(kernel: str, key: str, *, gated: bool, dropout: float,
+                        routing_mode: str = "token_choice") -> None:
+    """One ConfigError where ``kernel`` cannot run a layer's experts: the kernels compute
+    token-choice SwiGLU experts without expert dropout."""
     if kernel not in EXPERT_KERNELS:
-        raise ConfigError(f"expert kernel {kernel!r}: choose one of {', '.join(EXPERT_KERNELS)}")
-    saved, _selected = _selected, kernel
-    try:
-        yield
-    finally:
-        _selected = saved
-
-
-def selected_expert_kernel() -> str:
-    return _selected
+        raise ConfigError(f"{key} = {kernel!r} is unknown; choose one of "
+                          f"{', '.join(EXPERT_KERNELS)}")
+    if kernel == "grouped_mm":
+        return
+    if not gated or dropout > 0 or routing_mode != "token_choice":
+        raise ConfigError(f"{key} = {kernel!r} runs token-choice SwiGLU experts without expert "
+                          "dropout; this layer has "
+                          + ", ".join(part for part, bad in (
+                              ("another activation", not gated),
+                              ("expert_dropout > 0", dropout > 0),
+                              (f"routing = {routing_mode!r}", routing_mode != "token_choice"))
+                              if bad)
+                          + "; keep expert_kernel = 'grouped_mm'")
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
