@@ -207,11 +207,17 @@ def test_the_surgery_suite_is_valid():
     suite = load_suite("surgery")
     models = {m.name: m for m in suite.models}
     assert list(models) == ["dense", "switch", "dense-1m", "dense-continued", "switch-upcycled",
-                            "dense-distilled"]
+                            "dense-distilled", "fine-grained", "fine-grained-upcycled",
+                            "dense-distilled-fg", "dense-from-switch"]
     tokens = {name: m.config["train"]["max_tokens"] for name, m in models.items()}
     assert tokens == {"dense": 2_000_000, "switch": 2_000_000, "dense-1m": 1_000_000,
                       "dense-continued": 1_000_000, "switch-upcycled": 1_000_000,
-                      "dense-distilled": 2_000_000}
+                      "dense-distilled": 2_000_000, "fine-grained": 2_000_000,
+                      "fine-grained-upcycled": 1_000_000, "dense-distilled-fg": 2_000_000,
+                      "dense-from-switch": 2_000_000}
+    # Granular upcycling starts as the dense model only with the top-k renormalised.
+    for name in ("fine-grained", "fine-grained-upcycled"):
+        assert models[name].run_config(Path("out")).model.ffn.options["normalize_topk"]
     assert (models["switch-upcycled"].start.init, models["switch-upcycled"].start.init_from) == (
         "upcycle", "dense-1m")
     assert (models["dense-continued"].start.init, models["dense-continued"].start.init_from) == (
