@@ -40,6 +40,7 @@ from condcomp.config import ModelConfig
 from condcomp.errors import ConfigError
 from condcomp.model.accounting import active_param_count
 from condcomp.model.block import Block
+from condcomp.model.mlp import MLP
 from condcomp.model.rope import Positions
 from condcomp.ranges import MAX_LOSS_WEIGHT, MAX_SIZE, ranged
 
@@ -57,16 +58,27 @@ class MixtureOfDepths(nn.Module):
     """
 
     # Device types on which a compiled batch-1 decode step decides on the device whether a token
-    # enters the block (the block runs, a select keeps its update): CUDA, where a host sync
-    # drains the device's queue and keeps CUDA graphs from the step. Elsewhere the decision is
+    # enters the block (torch.cond skips it, or it runs and a select keeps its update): CUDA,
+    # where a host sync drains the device's queue and keeps CUDA graphs from the step (the
+    # ``bool(tensor)`` of a host-side ``if`` breaks the graph). Elsewhere the decision is
     # read on the host and a skipped block costs nothing, the step's graph breaking there: on
     # the CPU that decodes 1.54x faster than the dense model (docs/benchmarks.md).
     DEVICE_DECISION = ("cuda",)
+    # FFN-slot layers whose forward mutates nothing, so that a device decision can skip the
+    # block inside ``torch.cond``. The others (an MoE, MoT, Sparse FF) rewrite their
+    # ``aux_loss`` / ``stats`` on every forward, a side effect torch.cond refuses in a branch:
+    # their blocks run and are selected (:meth:`_decode_one_selected`).
+    SKIPPABLE_FFNS: tuple[type[nn.Module], ...] = (MLP,)
 
     def decides_on_host(self, device_type: str) -> bool:
         """Whether a compiled decode step on ``device_type`` reads the decision on the host
         (:func:`condcomp.generate.compile_decode_step` then lets the graph break)."""
         return device_type not in self.DEVICE_DECISION
+
+    def _decides_on_device(self, device_type: str) -> bool:
+        """Whether this batch-1 decode step decides on the device: ``torch.compile`` traces it
+        for a device of ``DEVICE_DECISION``."""
+        return torch.compiler.is_compiling() and not self.decides_on_host(device_type)
 
     def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125,
                  decode_router: str = "aux_loss", aux_loss_coef: float = 1e-2,
@@ -165,12 +177,52 @@ class MixtureOfDepths(nn.Module):
         as the ragged selection, without building one (a sort, a gather and a scatter per
         routed block and token). Eager, the decision is read on the host and a skipped block
         costs nothing; traced by ``torch.compile`` on a device of ``DEVICE_DECISION``,
-        :meth:`_decode_one_selected` keeps the step one graph."""
-        if torch.compiler.is_compiling() and not self.decides_on_host(x_11D.device.type):
+        :meth:`_decode_one_skipping` (or :meth:`_decode_one_selected`) keeps the step one
+        graph."""
+        if self._decides_on_device(x_11D.device.type):
+            if self._skippable_on_device():
+                return self._decode_one_skipping(x_11D, positions, r_11, chosen_11)
             return self._decode_one_selected(x_11D, positions, r_11, chosen_11)
         if not bool(chosen_11):  # a host sync, as the ragged selection's count is
             return x_11D
         return self._add_update(x_11D, r_11, self.block(x_11D, positions))
+
+    def _skippable_on_device(self) -> bool:
+        """Whether :meth:`_decode_one_skipping` can decode this block: a :class:`Block` (it
+        splits its cached forward at the KV-cache write) whose attention projects keys and
+        values apart from queries (the dense family; Sparse QKV does not, and a
+        Mixture-of-Depths block refuses it anyway) and whose FFN mutates nothing."""
+        return (isinstance(self.block, Block) and self.block.attn.splits_qkv()
+                and isinstance(self.block.ffn, self.SKIPPABLE_FFNS))
+
+    def _decode_one_skipping(self, x_11D: torch.Tensor, positions: Positions,
+                             r_11: torch.Tensor, chosen_11: torch.Tensor) -> torch.Tensor:
+        """The same token without a host sync, the block's work skipped when it was not chosen.
+
+        ``torch.cond`` runs one of two branches on a device-side predicate, but its branches may
+        not mutate their inputs, and the block's attention writes the KV cache. So the write
+        comes first, outside the branches and whatever the decision: the token's keys and
+        values land in its own slot, marked filled only if the token was chosen (the padding
+        entry of a one-token ragged selection, ``valid_BT = chosen``: a slot no later token
+        reads otherwise). The chosen branch reads the cache as it now is for the rest of the
+        block (the query projection, attention, output layer, FFN) and adds the update (eq. 1);
+        the other returns the token unchanged. Eager, torch.cond runs only the branch taken;
+        compiled, the step stays one graph. Inductor (torch 2.13) lowers the cond to a
+        host-side ``if`` on the predicate and records CUDA graphs for the pieces between; the
+        ``"cudagraphs"`` backend captures it as CUDA-graph conditional nodes
+        (``torch._higher_order_ops.cudagraph_conditional_nodes``)."""
+        visible_111L = self.block.write_kv(x_11D, replace(positions, valid_BT=chosen_11))
+
+        def enter(x_11D: torch.Tensor, r_11: torch.Tensor, visible_111L: torch.Tensor
+                  ) -> torch.Tensor:
+            update_11D = self.block.update_from_cache(x_11D, positions, visible_111L)
+            return self._add_update(x_11D, r_11, update_11D)
+
+        def skip(x_11D: torch.Tensor, r_11: torch.Tensor, visible_111L: torch.Tensor
+                 ) -> torch.Tensor:
+            return x_11D.clone()  # a branch's output may not alias its input
+
+        return torch.cond(chosen_11.reshape(()), enter, skip, (x_11D, r_11, visible_111L))
 
     def _decode_one_selected(self, x_11D: torch.Tensor, positions: Positions,
                              r_11: torch.Tensor, chosen_11: torch.Tensor) -> torch.Tensor:
@@ -179,11 +231,11 @@ class MixtureOfDepths(nn.Module):
 
         The decision masks the KV-cache write too: a token that skips the block is a padding
         entry of a one-token ragged selection (``valid_BT = chosen``), whose keys land in its
-        own slot without marking it filled, so no later token reads them. ``torch.cond`` would
-        skip the block's work, but its branches may not mutate their inputs (torch 2.13 refuses
-        the cache write at trace time), and a host-side ``if`` breaks the graph, which keeps
-        CUDA graphs ("reduce-overhead") from the step. At batch 1 the routed block's extra
-        work is one pass over its weights, where each host sync drains the device's queue."""
+        own slot without marking it filled, so no later token reads them. Used for a block
+        :meth:`_decode_one_skipping` cannot skip (its FFN keeps statistics); a host-side ``if``
+        would break the graph, which keeps CUDA graphs ("reduce-overhead") from the step. At
+        batch 1 the routed block's extra work is one pass over its weights, where each host
+        sync drains the device's queue."""
         routed = replace(positions, valid_BT=chosen_11)
         new_11D = self._add_update(x_11D, r_11, self.block(x_11D, routed))
         return torch.where(chosen_11.unsqueeze(-1), new_11D, x_11D)

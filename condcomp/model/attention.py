@@ -62,19 +62,30 @@ class DenseQKV(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = x_BTD.shape
-        q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
-        if self.qk_norm == "projection":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+        return (self.queries(x_BTD), *self.keys_values(x_BTD))
+
+    def queries(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """q ``[B, T, H, d]`` alone: a Mixture-of-Depths decode step writes a token's keys and
+        values whatever its decision, and projects its queries only if it enters the block."""
+        return self._heads(self.wq(x_BTD), self.n_heads, "q_norm")
+
+    def keys_values(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v ``[B, T, H_kv, d]`` alone (see :meth:`queries`)."""
+        return (self._heads(self.wk(x_BTD), self.kv_heads, "k_norm"),
+                self._heads(self.wv(x_BTD), self.kv_heads, None))
+
+    def _heads(self, y_BTF: torch.Tensor, n_heads: int, norm: str | None) -> torch.Tensor:
+        """A projection split into heads, with its norm (``q_norm`` / ``k_norm``) and clamp."""
+        B, T, _ = y_BTF.shape
+        norm_layer = getattr(self, norm) if norm is not None and self.qk_norm != "none" else None
+        if norm_layer is not None and self.qk_norm == "projection":
+            y_BTF = norm_layer(y_BTF)
+        y_BTHd = y_BTF.view(B, T, n_heads, self.head_dim)
+        if norm_layer is not None and self.qk_norm == "head":
+            y_BTHd = norm_layer(y_BTHd)
         if self.clip_qkv > 0:
-            c = self.clip_qkv
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        return q, k, v
+            y_BTHd = y_BTHd.clamp(-self.clip_qkv, self.clip_qkv)
+        return y_BTHd
 
     def output_layer(self, d_in: int, d_model: int) -> nn.Module:
         return nn.Linear(d_in, d_model, bias=False)
@@ -104,24 +115,59 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
+        q, k, v = self._rotated_qkv(x_BTD, positions)
+        if self.kv_cache is not None and positions.decoding:
+            k_all, v_all, mask = self.kv_cache.update(positions, k, v)
+            return self._attend(q, k_all, v_all, mask)
+        # The tokens are in causal order (a wrapper that selects tokens keeps their order), so
+        # the causal mask on the local index is the causal mask on positions.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads,
+            dropout_p=self.dropout_p if self.training else 0.0)
+        return self._merge_heads(y)
+
+    def splits_qkv(self) -> bool:
+        """Whether :meth:`write_kv` and :meth:`attend_cache` can split a cached forward: the
+        projection family computes queries apart from keys and values (``queries`` and
+        ``keys_values``, as the dense family does)."""
+        return hasattr(self.qkv, "queries") and hasattr(self.qkv, "keys_values")
+
+    def write_kv(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """The first half of a cached :meth:`forward`: the tokens' keys and values (projected,
+        normed, rotated) written into the KV cache, filled where ``positions.valid_BT`` says;
+        returns the mask ``[B, 1, T, L]`` over the cache after the write."""
+        k, v = self.qkv.keys_values(x_BTD)
+        self.kv_cache.write(positions, apply_rope(k, positions).transpose(1, 2),
+                            v.transpose(1, 2))
+        return self.kv_cache.visible(positions)
+
+    def attend_cache(self, x_BTD: torch.Tensor, positions: Positions, mask_B1TL: torch.Tensor
+                     ) -> torch.Tensor:
+        """The second half, which mutates nothing: the tokens' queries attend over the KV cache
+        as it is, and the output layer maps the heads back to ``[B, T, D]``. Rotating q alone
+        gives the same floats as the joint rotation of :meth:`forward` (RoPE is elementwise)."""
+        q = apply_rope(self.qkv.queries(x_BTD), positions).transpose(1, 2)
+        return self._attend(q, self.kv_cache.k_BHLd, self.kv_cache.v_BHLd, mask_B1TL)
+
+    def _rotated_qkv(self, x_BTD: torch.Tensor, positions: Positions
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, H, T, d]``, k and v ``[B, H_kv, T, d]``: the projections, RoPE on q and k."""
         q, k, v = self.qkv(x_BTD, positions)
         # One rotation for queries and keys together: half the small ops of a decode step.
         qk = apply_rope(torch.cat((q, k), dim=2), positions).transpose(1, 2)  # [B, H+Hkv, T, d]
         q, k = qk.split((self.n_heads, self.kv_heads), dim=1)
-        v = v.transpose(1, 2)
-        gqa = self.kv_heads != self.n_heads
-        if self.kv_cache is not None and positions.decoding:
-            k_all, v_all, mask = self.kv_cache.update(positions, k, v)
-            y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
-                                               attn_mask=mask, enable_gqa=gqa)
-        else:
-            # The tokens are in causal order (a wrapper that selects tokens keeps their order),
-            # so the causal mask on the local index is the causal mask on positions.
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=gqa,
-                dropout_p=self.dropout_p if self.training else 0.0)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return q, k, v.transpose(1, 2)
+
+    def _attend(self, q_BHTd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor,
+                mask_B1TL: torch.Tensor) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(q_BHTd, k_BHLd.to(q_BHTd.dtype),
+                                           v_BHLd.to(q_BHTd.dtype), attn_mask=mask_B1TL,
+                                           enable_gqa=self.kv_heads != self.n_heads)
+        return self._merge_heads(y)
+
+    def _merge_heads(self, y_BHTd: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = y_BHTd.shape
+        return self.wo(y_BHTd.transpose(1, 2).reshape(B, T, H * d))
 
     def init_weights(self, std: float, residual_std: float) -> None:
         if isinstance(self.wo, nn.Linear):  # other output layers initialise themselves

@@ -32,13 +32,27 @@ class Block(nn.Module):
     def forward(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
         """The residual update of this block: ``a + f`` where ``a = attn(norm(x))`` and
         ``f = ffn(norm(x + a))``, so that ``x + update`` is the usual pre-norm block."""
-        a = self.attn(self.attn_norm(x_BTD), positions)
+        return self._add_ffn(x_BTD, self.attn(self.attn_norm(x_BTD), positions))
+
+    def write_kv(self, x_BTD: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """Only the KV-cache write of a cached :meth:`forward` (see
+        :meth:`Attention.write_kv`); returns the attention mask for :meth:`update_from_cache`."""
+        return self.attn.write_kv(self.attn_norm(x_BTD), positions)
+
+    def update_from_cache(self, x_BTD: torch.Tensor, positions: Positions,
+                          mask_B1TL: torch.Tensor) -> torch.Tensor:
+        """The rest of that :meth:`forward`, which mutates nothing: attention over the KV cache
+        as it is, the output layer and the FFN; the same update as :meth:`forward`."""
+        return self._add_ffn(x_BTD, self.attn.attend_cache(self.attn_norm(x_BTD), positions,
+                                                           mask_B1TL))
+
+    def _add_ffn(self, x_BTD: torch.Tensor, a_BTD: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
-            a = self.dropout(a)
-        f = self.ffn(self.ffn_norm(x_BTD + a))
+            a_BTD = self.dropout(a_BTD)
+        f = self.ffn(self.ffn_norm(x_BTD + a_BTD))
         if self.dropout is not None:
             f = self.dropout(f)
-        return a + f
+        return a_BTD + f
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.attn.flops_per_token(seq_len) + self.ffn.flops_per_token()

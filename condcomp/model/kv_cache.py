@@ -33,6 +33,12 @@ class KVCache(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the new keys/values at their positions; return the whole cache and the
         attention mask ``[B, 1, T, L]`` (a slot is visible if filled and not in the future)."""
+        self.write(positions, k_BHTd, v_BHTd)
+        return self.k_BHLd, self.v_BHLd, self.visible(positions)
+
+    def write(self, positions: Positions, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> None:
+        """Write the new keys/values at their positions and mark those slots filled (only the
+        ``valid_BT`` ones, when given)."""
         pos_BT = positions.pos_BT
         if pos_BT.shape[0] == 1 and positions.valid_BT is None:
             # Every sequence writes the same positions (plain decoding): one index_copy_.
@@ -51,13 +57,17 @@ class KVCache(nn.Module):
             # this block (never filled, so never read) and are not marked filled.
             filled = True if positions.valid_BT is None else positions.valid_BT
             self.filled_BL[batch_BT, pos_BT] = filled
+
+    def visible(self, positions: Positions) -> torch.Tensor:
+        """The attention mask ``[B, 1, T, L]`` over the cache as it is: a slot is visible if
+        filled and not in the future. Reads the cache only."""
         visible_BTL = self.filled_BL.unsqueeze(1) & positions.causal_mask(self.max_len)
         if positions.valid_BT is not None:
             # A padding entry sees its own slot, so its (discarded) softmax row is never empty:
             # an all-masked row would be NaN.
-            slots_L = torch.arange(self.max_len, device=pos_BT.device)
-            visible_BTL = visible_BTL | (slots_L == pos_BT.unsqueeze(-1))
-        return self.k_BHLd, self.v_BHLd, visible_BTL.unsqueeze(1)
+            slots_L = torch.arange(self.max_len, device=positions.pos_BT.device)
+            visible_BTL = visible_BTL | (slots_L == positions.pos_BT.unsqueeze(-1))
+        return visible_BTL.unsqueeze(1)
 
     def reset(self) -> None:
         self.filled_BL.zero_()
