@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_mod import mod_model
+from torch.profiler import ProfilerActivity
 
 from condcomp.conditional.mod import MixtureOfDepths
 from condcomp.conditional.moe import MoE
@@ -28,7 +29,7 @@ CACHE_LEN = max(map(len, PROMPTS)) + NEW_TOKENS
 
 
 def _greedy(model, prompt, decode_step):
-    """Greedy tokens, each step's logits, and every layer's KV-cache fill after decoding."""
+    """Greedy tokens, each step's logits, and the routed blocks' KV caches after decoding."""
     model.setup_cache(1, CACHE_LEN)
     logits_1V = prefill(model, torch.tensor([prompt]))
     tokens, logits = [], []
@@ -116,25 +117,24 @@ def test_mod_around_moe_keeps_the_select_path_in_one_graph():
     _assert_same_decoding(_decode_everything(model, step), want)
 
 
-def test_a_skipped_block_does_no_work():
+def test_a_skipped_block_does_no_work(monkeypatch):
     """Eager, torch.cond runs only the branch taken: a token that skips a routed block runs none
     of its FFN (the only SiLU of this model: one per dense block, one per block entered)."""
+    monkeypatch.setattr(MixtureOfDepths, "_decides_on_device", lambda self, device_type: True)
     model = mod_model()
     model.setup_cache(1, 16)
     dense_blocks, routed = 2, model.layers[1::2]
     prompt, tokens = torch.tensor([[5, 17, 3]]), [40, 2, 88, 61, 7, 19]
     entered = []
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MixtureOfDepths, "_decides_on_device", lambda self, device_type: True)
-        # Eager torch.cond traces both branches once (with fake tensors, which the profiler
-        # would count too): decode once before counting.
-        for profiled in (False, True):
+    # Eager torch.cond traces both branches once (with fake tensors, which the profiler would
+    # count too): decode once before counting.
+    for counting in (False, True):
+        with torch.no_grad():
             prefill(model, prompt)
             for pos, token in enumerate(tokens, start=prompt.shape[1]):
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                            ) as prof:
+                with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
                     decode_one_token(model, torch.tensor([[token]]), torch.tensor([pos]))
-                if profiled:
+                if counting:
                     silus = sum(e.count for e in prof.key_averages() if e.key == "aten::silu")
                     entered.append(sum(int(layer.routed_BT) for layer in routed))
                     assert silus == dense_blocks + entered[-1]
