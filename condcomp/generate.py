@@ -78,8 +78,9 @@ def compile_decode_step(model: TransformerLM, mode: str | None = None) -> Callab
     """:func:`decode_one_token` compiled for ``model``: one graph (gpt-fast), unless one of its
     layers decides on the host whether a token runs it (Mixture-of-Depths off CUDA:
     ``MixtureOfDepths.DEVICE_DECISION``); then the step compiles into the pieces between
-    those decisions. On CUDA a Mixture-of-Depths block decides on the device, so the step has
-    no host sync and ``mode="reduce-overhead"`` records it as CUDA graphs."""
+    those decisions. On CUDA a Mixture-of-Depths block decides on the device (``torch.cond``), so
+    dynamo traces one graph; inductor (torch 2.13) runs each cond as a host-side branch on its
+    predicate, with ``mode="reduce-overhead"``'s CUDA graphs recorded for the pieces between."""
     device = next(model.parameters()).device.type
     one_graph = not any(m.decides_on_host(device) for m in model.modules()
                         if hasattr(m, "decides_on_host"))
