@@ -40,7 +40,8 @@ def test_bench_import_hf_reports_finite_times_and_memory(tmp_path, capsys):
         assert math.isfinite(s["peak_bytes"]) and s["peak_bytes"] >= 0
         assert s["runs"][0]["peak_rss"] >= s["runs"][0]["baseline_rss"] > 0
         assert math.isfinite(result["decode"]["sides"][side]["tokens_per_s"])
-    assert math.isfinite(imp["time_ratio"])
+    assert math.isfinite(imp["time_ratio"]) and math.isfinite(imp["again_time_ratio"])
+    assert all(r["again_seconds"] > 0 for side in imp["sides"].values() for r in side["runs"])
     assert result["decode"]["tokens_agree"] == 1.0  # the same weights decode alike
     assert result["command"].startswith("condcomp bench import-hf --arch qwen3_moe")
     table = capsys.readouterr().out

@@ -16,15 +16,26 @@ the reference by the tests but not yet timed against ``torch._grouped_mm`` on a 
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
 import torch
 
 from condcomp.errors import CondcompError, ConfigError
 from condcomp.kernels.moe_reference import down_combine_reference, swiglu_up_reference
 
-try:
-    from condcomp.kernels import triton_moe
-except ImportError:  # Triton is optional: the dev extra installs it, CUDA wheels of torch too
-    triton_moe = None
+
+@functools.cache
+def _triton_moe() -> ModuleType | None:
+    """The kernels' module, imported on first use: Triton is optional (the dev extra installs
+    it, CUDA wheels of torch too), and importing it costs every condcomp command a third of a
+    second at start-up on a CPU (docs/benchmarks.md, "Importing HF models")."""
+    try:
+        from condcomp.kernels import triton_moe
+    except ImportError:
+        return None
+    return triton_moe
+
 
 IMPLS = ("auto", "triton", "reference")
 # What the MoE layer runs its token-choice experts with: "grouped_mm" is its own path.
@@ -58,8 +69,9 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ConfigError(f"impl {impl!r}: choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if x.is_cuda and triton_moe is not None else "reference"
+        return "triton" if x.is_cuda and _triton_moe() is not None else "reference"
     if impl == "triton":
+        triton_moe = _triton_moe()
         if triton_moe is None:
             raise CondcompError("the Triton expert kernels need Triton: pip install triton "
                                 "(or condcomp's dev extra)")
@@ -69,9 +81,16 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
-# Outside a compiled graph: dynamo would have to trace the launches and the cached wrapping.
-@torch.compiler.disable
+@functools.cache
+def _outside_compiled_graphs():
+    """:func:`_triton_experts` outside any compiled graph (dynamo would have to trace the
+    launches and the cached wrapping), made on first use: ``torch.compiler.disable`` imports
+    the compiler stack, 0.75 s that every condcomp command would otherwise pay at start-up."""
+    return torch.compiler.disable(_triton_experts)
+
+
 def _triton_experts(x_TD, w1_EDH, w2_EHD, w3_EDH, order_N, offsets_E, weights_TK, k):
+    triton_moe = _triton_moe()
     h_NH = triton_moe.swiglu_up(x_TD, w1_EDH, w3_EDH, order_N, offsets_E, k)
     return triton_moe.down_combine(h_NH, w2_EHD, weights_TK, order_N, offsets_E)
 
@@ -88,6 +107,7 @@ def swiglu_experts(x_TD: torch.Tensor, w1_EDH: torch.Tensor, w2_EHD: torch.Tenso
     k = weights_TK.shape[1]
     w1_EDH, w2_EHD, w3_EDH = (w.to(x_TD.dtype) for w in (w1_EDH, w2_EHD, w3_EDH))
     if resolve_impl(impl, x_TD) == "triton":
-        return _triton_experts(x_TD, w1_EDH, w2_EHD, w3_EDH, order_N, offsets_E, weights_TK, k)
+        return _outside_compiled_graphs()(x_TD, w1_EDH, w2_EHD, w3_EDH, order_N, offsets_E,
+                                          weights_TK, k)
     h_NH = swiglu_up_reference(x_TD, w1_EDH, w3_EDH, order_N, offsets_E, k)
     return down_combine_reference(h_NH, w2_EHD, weights_TK, order_N, offsets_E)
