@@ -19,26 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _forget_the_parents_shardings() -> None:
-    """DTensor caches each op's sharding by its input specs, whose device mesh compares equal
-    to any mesh of the same shape and names, whichever rank holds it. A test that ran DTensor
-    ops in the pytest process itself (test_plan.py, rank 0 of a fake process group) leaves
-    entries whose mesh is rank 0's; a forked rank that hit them would place its shards as rank
-    0 does (and DCP refuses the overlap). Each worker starts with the caches empty."""
-    from torch.distributed.tensor import DTensor
-
-    clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if clear is not None:  # the C++ fast path's cache (torch >= 2.9)
-        clear()
-    cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
-    cached = getattr(cached, "cache", cached)  # a thread-local wrapper of an lru_cache
-    if hasattr(cached, "cache_clear"):
-        cached.cache_clear()
-
-
 def _worker(rank: int, fn, world_size: int, store_path: str, results, args) -> None:
     torch.set_num_threads(1)
-    _forget_the_parents_shardings()
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
