@@ -296,6 +296,18 @@ def test_activation_estimate_matches_the_saved_tensors(preset, dtype):
     assert_close_to_measured(plan.activations.saved, measured)
 
 
+@pytest.mark.parametrize("preset", ["dense_tiny", "switch"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_estimate_with_the_fused_loss(preset, dtype):
+    cfg = small(preset, f'train.dtype="{dtype}"', 'model.loss="fused"')
+    plan = make_plan(cfg, 1)
+    assert plan.activations.logits == 0
+    model = TransformerLM(cfg.model).train()
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    measured = saved_bytes(model, plan.batch.micro_batch, cfg.train.seq_len, amp)
+    assert_close_to_measured(plan.activations.saved, measured)
+
+
 @pytest.mark.parametrize("options", [
     ('shared_gate="sigmoid"',), ('score="sigmoid"', "normalize_topk=true"),
     ('balance_scope="sequence"',), ("expert_groups=2", "groups_per_token=1", "route_scale=2.5"),

@@ -31,6 +31,8 @@ bytes of the compute dtype (2 under bf16 autocast, else 4):
   parameters are not counted: FSDP frees them after the forward and gathers them again.
 
 Not saved but held through the backward: the logits (cV per token), which the forward returns.
+With ``model.loss = "fused"`` there are no logits, and the loss saves the gradients of the
+output head's input (c per element) and of its weight (its own size).
 
 Assumptions: no activation checkpointing; dropout saves a mask per element (1 byte on CUDA,
 the compute dtype's on the CPU) and attention dropout nothing (CUDA's fused kernels regenerate
@@ -156,8 +158,15 @@ def _count(model: TransformerLM, p: Precision, layout: Layout, out: ActivationEs
     if p.bf16_weights == "all":  # each RMSNorm's bf16 gain, upcast for the fp32 kernel
         out.norms += FP32 * cfg.d_model * (2 * len(model.layers) + 1)
     vocab = model.lm_head.weight.shape[0]
-    out.loss = (p.norm_output(1) * cfg.d_model + FP32 * vocab + INDEX) * T
-    out.logits = p.compute * vocab * T
+    if cfg.loss == "fused":
+        # The chunked head + cross-entropy (condcomp.kernels.linear_cross_entropy) keeps its
+        # two gradients for the backward, the hidden states' and the head weight's, and no
+        # logits.
+        head = model.lm_head.weight
+        out.loss = p.stream * cfg.d_model * T + head.numel() * head.element_size()
+    else:
+        out.loss = (p.norm_output(1) * cfg.d_model + FP32 * vocab + INDEX) * T
+        out.logits = p.compute * vocab * T
     out.weight_copies = _weight_copy_bytes(model, p, layout)
 
 
@@ -246,10 +255,12 @@ def _weight_copy_bytes(model: TransformerLM, p: Precision, layout: Layout) -> in
     # Expert choice runs its experts by batched products, without the concatenation.
     batched = {id(m.experts) for m in model.modules()
                if isinstance(m, MoE) and m.routing_mode == "expert_choice"}
+    # The fused loss casts the output head inside its own function, which saves no copy.
+    head = model.lm_head if model.cfg.loss == "fused" else None
     total = 0
     for module in model.modules():
         local = layout.ep if isinstance(module, GroupedExperts) else 1
-        for w in _matmul_weights(module):
+        for w in _matmul_weights(module) if module is not head else ():
             if p.weight_bytes(id(w) in stored_bf16) != p.compute:
                 total += p.compute * w.numel() // local
         if (isinstance(module, GroupedExperts) and module.gated and id(module) not in batched
