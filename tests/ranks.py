@@ -31,7 +31,26 @@ def _worker(rank: int, fn, world_size: int, store_path: str, results, args) -> N
         dist.destroy_process_group()
 
 
+def _forget_this_process_shardings() -> None:
+    """DTensor caches each op's sharding by its input specs, whose device mesh compares equal
+    to any mesh of the same shape and names, whichever rank holds it. A test that ran DTensor
+    ops in this process (test_plan.py, as rank 0 of a fake process group) leaves entries whose
+    mesh is rank 0's; forked ranks that hit them would place their shards as rank 0 does (DCP
+    then refuses the overlap). Cleared here, before forking: clearing the C++ cache in a
+    forked child crashes it."""
+    from torch.distributed.tensor import DTensor
+
+    clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear is not None:  # the C++ fast path's cache
+        clear()
+    cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
+    cached = getattr(cached, "cache", cached)  # a thread-local wrapper of an lru_cache
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 def run_ranks(fn, world_size: int, *args: Any) -> list[Any]:
+    _forget_this_process_shardings()
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp, ctx.Manager() as manager:
         results = manager.dict()

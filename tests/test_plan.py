@@ -143,23 +143,7 @@ def fake_group():
     yield start
     if dist.is_initialized():
         dist.destroy_process_group()
-    _forget_the_fake_shardings()
 
-
-def _forget_the_fake_shardings() -> None:
-    """DTensor caches each op's sharding by its input specs, whose device mesh compares equal
-    to any mesh of the same shape and names, whichever rank holds it. Left behind, this fake
-    rank 0's entries would be found by the ranks later tests fork from this process
-    (tests/ranks.py), which would then place their shards as rank 0 does."""
-    from torch.distributed.tensor import DTensor
-
-    clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if clear is not None:  # the C++ fast path's cache
-        clear()
-    cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
-    cached = getattr(cached, "cache", cached)  # a thread-local wrapper of an lru_cache
-    if hasattr(cached, "cache_clear"):
-        cached.cache_clear()
 
 
 def shard_experts(model: nn.Module, mesh, efsdp: int) -> None:

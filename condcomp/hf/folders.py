@@ -129,8 +129,9 @@ _INITS = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "kaiming_n
 @contextlib.contextmanager
 def _without_random_init() -> Iterator[None]:
     """Modules built inside leave their parameters as ``torch.empty`` made them (memory not
-    yet touched) instead of initialising them: the import writes every weight once, from
-    the file. Buffers (RoPE's tables, ...) are built as usual."""
+    yet touched) instead of initialising them: the import takes only their names and shapes
+    and writes the weights from the HF files straight into the checkpoint. Buffers (RoPE's
+    tables, ...) are built as usual."""
     saved = {name: getattr(nn.init, name) for name in _INITS}
     for name in _INITS:
         setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
